@@ -1,0 +1,261 @@
+//! `twopc`: the command-line client of the coordinator.
+//!
+//! Exit codes: 0 success (committed), 1 error (bad input, coordinator
+//! unreachable, outcome unknown), 2 usage error, 3 the transaction aborted.
+//! Every failure prints one line on stderr.
+
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tonic::Code;
+use twopc_proto::pb::coordinator_client::CoordinatorClient;
+use twopc_proto::{TxnId, pb, status};
+
+/// Command-line client of the twopc coordinator.
+#[derive(Debug, Parser)]
+#[command(name = "twopc", version, after_help = "Exit status: 0 committed/ok, 1 error, 2 usage, 3 aborted.")]
+struct Cli {
+    /// The coordinator's gRPC endpoint.
+    #[arg(long, short = 'c', env = "TWOPC_COORDINATOR", default_value = "http://127.0.0.1:50051", global = true)]
+    coordinator: String,
+
+    /// Print results as JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run one atomic transaction over registered participants.
+    ///
+    /// Each --branch is NAME=PAYLOAD; the payload goes to that participant
+    /// with Prepare. For the key-value resource it is a list of operations
+    /// separated by ';', for example "incr alice -30; check alice >= 0".
+    Execute {
+        /// A branch, NAME=PAYLOAD. Repeat for each participant.
+        #[arg(long = "branch", short = 'b', required = true, value_name = "NAME=PAYLOAD")]
+        branches: Vec<String>,
+        /// Transaction timeout (for example 5s); the coordinator's default
+        /// when omitted.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<Duration>,
+    },
+    /// Show what the coordinator knows about a transaction.
+    Status {
+        /// Transaction id, tx-<epoch>-<seq>.
+        txn: String,
+    },
+    /// Begin a transaction and print its id.
+    Begin {
+        /// Transaction timeout.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<Duration>,
+    },
+    /// Commit a transaction begun earlier.
+    Commit {
+        /// Transaction id.
+        txn: String,
+    },
+    /// Abort a transaction that is not decided yet.
+    Abort {
+        /// Transaction id.
+        txn: String,
+        /// Recorded as the abort's detail.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+enum Failure {
+    Error(String),
+    Aborted(String),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => exit(Failure::Error(format!("cannot start the runtime: {e}"))),
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(line) => println!("{line}"),
+        Err(f) => exit(f),
+    }
+}
+
+fn exit(f: Failure) -> ! {
+    match f {
+        Failure::Error(m) => {
+            eprintln!("twopc: error: {m}");
+            std::process::exit(1)
+        }
+        Failure::Aborted(m) => {
+            eprintln!("twopc: {m}");
+            std::process::exit(3)
+        }
+    }
+}
+
+fn txn_arg(s: &str) -> Result<TxnId, Failure> {
+    s.parse::<TxnId>().map_err(|e| Failure::Error(e.to_string()))
+}
+
+fn ms(d: Option<Duration>) -> u64 {
+    d.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)).unwrap_or(0)
+}
+
+/// Turns a status into the one line the user sees.
+fn failure(s: tonic::Status, txn: Option<&str>) -> Failure {
+    if status::abort_reason(&s).is_some() {
+        return Failure::Aborted(s.message().to_owned());
+    }
+    let msg = match s.code() {
+        Code::Unavailable => format!("coordinator unavailable: {}", s.message()),
+        Code::DeadlineExceeded | Code::Cancelled | Code::Unknown if txn.is_some() => format!(
+            "outcome unknown ({}); ask with: twopc status {}",
+            s.message(),
+            txn.unwrap_or_default()
+        ),
+        _ => match status::reason(&s) {
+            Some(r) => format!("{} ({r})", s.message()),
+            None => s.message().to_owned(),
+        },
+    };
+    Failure::Error(msg)
+}
+
+async fn run(cli: Cli) -> Result<String, Failure> {
+    twopc_proto::validate_endpoint(&cli.coordinator).map_err(Failure::Error)?;
+    let channel = tonic::transport::Endpoint::from_shared(cli.coordinator.clone())
+        .map_err(|e| Failure::Error(format!("invalid coordinator address: {e}")))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| Failure::Error(format!("cannot reach the coordinator at {}: {e}", cli.coordinator)))?;
+    let mut c = CoordinatorClient::new(channel);
+    let json = cli.json;
+    match cli.command {
+        Command::Execute { branches, timeout } => {
+            let mut bs = Vec::new();
+            for b in branches {
+                let (name, payload) =
+                    b.split_once('=').ok_or_else(|| Failure::Error(format!("branch {b:?} is not NAME=PAYLOAD")))?;
+                bs.push(pb::Branch { participant: name.to_owned(), payload: payload.as_bytes().to_vec() });
+            }
+            let r = c.execute(pb::ExecuteRequest { branches: bs, timeout_ms: ms(timeout) }).await.map_err(|s| failure(s, None))?;
+            let txn = r.into_inner().txn_id;
+            Ok(if json { format!("{{\"txn_id\":\"{txn}\",\"outcome\":\"COMMITTED\"}}") } else { format!("committed {txn}") })
+        }
+        Command::Begin { timeout } => {
+            let r = c.begin(pb::BeginRequest { timeout_ms: ms(timeout) }).await.map_err(|s| failure(s, None))?.into_inner();
+            Ok(if json { format!("{{\"txn_id\":\"{}\",\"deadline_unix_ms\":{}}}", r.txn_id, r.deadline_unix_ms) } else { r.txn_id })
+        }
+        Command::Commit { txn } => {
+            txn_arg(&txn)?;
+            let r = c.commit(pb::CommitRequest { txn_id: txn.clone() }).await.map_err(|s| failure(s, Some(&txn)))?;
+            Ok(format!("committed {}", r.into_inner().txn_id))
+        }
+        Command::Abort { txn, reason } => {
+            txn_arg(&txn)?;
+            c.abort(pb::AbortRequest { txn_id: txn.clone(), reason }).await.map_err(|s| failure(s, Some(&txn)))?;
+            Ok(format!("aborted {txn}"))
+        }
+        Command::Status { txn } => {
+            txn_arg(&txn)?;
+            let s = c.status(pb::StatusRequest { txn_id: txn.clone() }).await.map_err(|s| failure(s, None))?.into_inner();
+            Ok(render_status(&s, json))
+        }
+    }
+}
+
+fn state_name(state: i32) -> &'static str {
+    match pb::TxnState::try_from(state) {
+        Ok(pb::TxnState::Active) => "active",
+        Ok(pb::TxnState::Preparing) => "preparing",
+        Ok(pb::TxnState::Deciding) => "deciding",
+        Ok(pb::TxnState::Committed) => "committed",
+        Ok(pb::TxnState::Aborted) => "aborted",
+        _ => "unknown",
+    }
+}
+
+fn vote_name(vote: i32) -> &'static str {
+    match pb::Vote::try_from(vote) {
+        Ok(pb::Vote::Yes) => "yes",
+        Ok(pb::Vote::No) => "no",
+        Ok(pb::Vote::ReadOnly) => "read-only",
+        _ => "-",
+    }
+}
+
+fn json_str(s: &str) -> String {
+    let mut out = String::from("\"");
+    for ch in s.chars() {
+        match ch {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn render_status(s: &pb::StatusResponse, json: bool) -> String {
+    let reason = s.abort_reason.as_ref();
+    if json {
+        let parts: Vec<String> = s
+            .participants
+            .iter()
+            .map(|p| {
+                format!(
+                    "{{\"name\":{},\"endpoint\":{},\"vote\":\"{}\",\"acknowledged\":{},\"retries\":{}}}",
+                    json_str(&p.name),
+                    json_str(&p.endpoint),
+                    vote_name(p.vote),
+                    p.acknowledged,
+                    p.retries
+                )
+            })
+            .collect();
+        let reason = reason
+            .map(|r| format!("{{\"code\":{},\"participant\":{},\"detail\":{}}}", json_str(&r.code), json_str(&r.participant), json_str(&r.detail)))
+            .unwrap_or_else(|| "null".into());
+        return format!(
+            "{{\"txn_id\":{},\"state\":\"{}\",\"finished\":{},\"presumed\":{},\"deadline_unix_ms\":{},\"abort_reason\":{},\"participants\":[{}]}}",
+            json_str(&s.txn_id),
+            state_name(s.state),
+            s.finished,
+            s.presumed,
+            s.deadline_unix_ms,
+            reason,
+            parts.join(",")
+        );
+    }
+    let mut out = format!("{} {}", s.txn_id, state_name(s.state));
+    if s.finished {
+        out.push_str(" (finished)");
+    }
+    if s.presumed {
+        out.push_str(" (no details held: answered from the log / presumed abort)");
+    }
+    if let Some(r) = reason {
+        let who = if r.participant.is_empty() { String::new() } else { format!(" at {}", r.participant) };
+        out.push_str(&format!("\n  reason: {}{who}: {}", r.code, r.detail));
+    }
+    for p in &s.participants {
+        out.push_str(&format!(
+            "\n  {:<20} vote={:<9} acknowledged={:<5} retries={} {}",
+            p.name,
+            vote_name(p.vote),
+            p.acknowledged,
+            p.retries,
+            p.endpoint
+        ));
+    }
+    out
+}

@@ -1,0 +1,922 @@
+//! The coordinator's protocol core: presumed-abort two-phase commit with
+//! dynamic enlistment, as a deterministic state machine.
+//!
+//! [`Core::step`] takes the time and one [`Input`] and returns [`Effect`]s as
+//! data. It never touches a socket, a clock or a disk; the driver performs the
+//! effects in order and feeds their results back as inputs.
+//!
+//! Invariants kept here (numbers refer to docs/ARCHITECTURE.md, "Rules"):
+//! - Validity: a transaction is decided COMMIT only when every enlisted
+//!   participant voted YES or READ_ONLY, within the deadline.
+//! - Durability of the decision, persist before send: the COMMIT decision is
+//!   handed to the log as [`Effect::PersistDecision`]; nobody is told about it
+//!   until the log reports it durable ([`Input::Durable`]). This is visible in
+//!   the types: [`PhaseTwo::Commit`] needs a [`DecisionDurable`] witness that
+//!   only this module can make, and only in the durable path or at recovery.
+//! - Enlistment closes when Commit, Abort or the deadline arrives; a
+//!   participant that enlists later is refused, so the decision always covers
+//!   every participant that did work.
+//! - Presumed abort: aborts are never logged. A transaction the core does not
+//!   hold and the log does not hold is aborted.
+//! - Idempotency: every input may arrive twice or late and has one effect;
+//!   stale inputs (votes, acks, timers for a transaction in another state)
+//!   are ignored.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use twopc_proto::logpb::{DecisionRecord, LoggedParticipant};
+use twopc_proto::{AbortCode, AbortReason, Decision, Outcome, ParticipantName, TxnId, UnixMillis, Vote};
+
+/// Identifies a caller waiting for a [`Reply`]; chosen by the driver.
+pub type ReqId = u64;
+
+/// Tunables of the protocol. Times are in milliseconds.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// Timeout of a transaction whose Begin did not ask for one.
+    pub default_timeout_ms: u64,
+    /// Longest timeout a Begin may ask for.
+    pub max_timeout_ms: u64,
+    /// How long votes may take after Commit before the transaction aborts.
+    pub prepare_timeout_ms: u64,
+    /// First phase-two retry delay; doubles per failure up to `retry_max_ms`.
+    pub retry_base_ms: u64,
+    /// Longest phase-two retry delay.
+    pub retry_max_ms: u64,
+    /// Abort deliveries are attempted this many times; after that the
+    /// participant's own QueryDecision (presumed abort) or deadline cleans up.
+    pub abort_delivery_attempts: u32,
+    /// How long a finished transaction's details stay in memory for Status
+    /// and retried Commits. Committed ids are remembered after that.
+    pub retention_ms: u64,
+    /// Seed of the retry jitter, so that runs replay.
+    pub seed: u64,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        CoreConfig {
+            default_timeout_ms: 10_000,
+            max_timeout_ms: 300_000,
+            prepare_timeout_ms: 5_000,
+            retry_base_ms: 50,
+            retry_max_ms: 5_000,
+            abort_delivery_attempts: 8,
+            retention_ms: 600_000,
+            seed: 0x9E37_79B9_7F4A_7C15,
+        }
+    }
+}
+
+/// Where a transaction is in the protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxnState {
+    /// Accepting participants.
+    Active,
+    /// Prepares sent; collecting votes.
+    Preparing,
+    /// Every vote is YES; the COMMIT decision is being made durable.
+    Deciding,
+    /// Decided commit (durable); phase two may be in progress.
+    Committed,
+    /// Decided abort.
+    Aborted,
+}
+
+/// Proof that a transaction's COMMIT decision is durable. Only this module
+/// constructs it: when the log reports the decision durable, or when the
+/// decision was read back from the log at recovery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecisionDurable {
+    _private: (),
+}
+
+/// The phase-two message to deliver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PhaseTwo {
+    /// Commit; only sendable with proof that the decision is durable.
+    Commit(DecisionDurable),
+    /// Abort; needs no durable record (presumed abort).
+    Abort,
+}
+
+/// Something that happens to the core.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// Start a transaction. `timeout_ms` 0 means the default.
+    Begin {
+        /// Caller to answer.
+        req: ReqId,
+        /// Requested timeout.
+        timeout_ms: u64,
+    },
+    /// A participant joins a transaction.
+    Enlist {
+        /// Caller to answer.
+        req: ReqId,
+        /// The transaction.
+        txn: TxnId,
+        /// Who joins.
+        participant: ParticipantName,
+        /// Where to reach it.
+        endpoint: String,
+    },
+    /// The initiator asks to commit.
+    Commit {
+        /// Caller to answer once the outcome is known.
+        req: ReqId,
+        /// The transaction.
+        txn: TxnId,
+    },
+    /// The initiator asks to abort.
+    Abort {
+        /// Caller to answer.
+        req: ReqId,
+        /// The transaction.
+        txn: TxnId,
+        /// Recorded as the abort detail.
+        detail: String,
+    },
+    /// One-shot transaction over known participants with payloads.
+    Execute {
+        /// Caller to answer once the outcome is known.
+        req: ReqId,
+        /// Participants, their endpoints and payloads; names are distinct.
+        branches: Vec<ExecBranch>,
+        /// Requested timeout, 0 for the default.
+        timeout_ms: u64,
+    },
+    /// Someone asks what the core knows.
+    Status {
+        /// Caller to answer.
+        req: ReqId,
+        /// The transaction.
+        txn: TxnId,
+    },
+    /// A prepared participant asks for the outcome.
+    QueryDecision {
+        /// Caller to answer.
+        req: ReqId,
+        /// The transaction.
+        txn: TxnId,
+    },
+    /// A Prepare came back: the vote, or why no vote could be had.
+    Voted {
+        /// The transaction.
+        txn: TxnId,
+        /// Who voted.
+        participant: ParticipantName,
+        /// The vote, or the delivery/participant error.
+        vote: Result<Vote, String>,
+    },
+    /// A phase-two message was acknowledged, or failed.
+    Delivered {
+        /// The transaction.
+        txn: TxnId,
+        /// To whom.
+        participant: ParticipantName,
+        /// Ok when acknowledged.
+        result: Result<(), String>,
+    },
+    /// The COMMIT decision of `txn` is durable.
+    Durable {
+        /// The transaction.
+        txn: TxnId,
+    },
+    /// Writing the decision of `txn` failed; its durability is unknown.
+    PersistFailed {
+        /// The transaction.
+        txn: TxnId,
+        /// The storage error.
+        error: String,
+    },
+    /// A timer set by [`Effect::SetTimer`] fired.
+    Timer(Timer),
+}
+
+/// A branch of an Execute call, resolved by the driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecBranch {
+    /// The registered participant.
+    pub participant: ParticipantName,
+    /// Its endpoint, from the registry.
+    pub endpoint: String,
+    /// Delivered with Prepare.
+    pub payload: Vec<u8>,
+}
+
+/// Timers the core sets. Each is checked against the current state when it
+/// fires, so a timer that outlived its purpose does nothing.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Timer {
+    /// The transaction's deadline.
+    Deadline(TxnId),
+    /// The end of the prepare window started by Commit.
+    PrepareTimeout(TxnId),
+    /// Retry phase two to a participant.
+    Retry(TxnId, ParticipantName),
+    /// Drop the finished transaction's details from memory.
+    Forget(TxnId),
+}
+
+/// What the core asks the driver to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Answer a caller.
+    Reply {
+        /// The caller.
+        req: ReqId,
+        /// The answer.
+        reply: Reply,
+    },
+    /// Write the decision record; report [`Input::Durable`] (when `synced`)
+    /// or nothing (lazy END records) back.
+    PersistDecision {
+        /// The transaction.
+        txn: TxnId,
+        /// The record.
+        record: DecisionRecord,
+        /// fsync before reporting.
+        synced: bool,
+    },
+    /// Send Prepare and report [`Input::Voted`].
+    SendPrepare {
+        /// The transaction.
+        txn: TxnId,
+        /// To whom.
+        participant: ParticipantName,
+        /// Where.
+        endpoint: String,
+        /// Execute payload, if any.
+        payload: Option<Vec<u8>>,
+        /// The transaction's deadline, for the participant.
+        deadline: UnixMillis,
+    },
+    /// Send a phase-two message and report [`Input::Delivered`].
+    SendDecision {
+        /// The transaction.
+        txn: TxnId,
+        /// To whom.
+        participant: ParticipantName,
+        /// Where.
+        endpoint: String,
+        /// Commit or abort.
+        decision: PhaseTwo,
+    },
+    /// Feed [`Input::Timer`] back at `at`.
+    SetTimer {
+        /// When.
+        at: UnixMillis,
+        /// Which.
+        timer: Timer,
+    },
+}
+
+/// Answers to callers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// Begin succeeded.
+    Begun {
+        /// The new id.
+        txn: TxnId,
+        /// Its deadline.
+        deadline: UnixMillis,
+    },
+    /// Enlist succeeded (also for a repeat).
+    Enlisted {
+        /// The transaction's deadline.
+        deadline: UnixMillis,
+    },
+    /// The outcome of Commit or Execute.
+    Outcome {
+        /// The transaction.
+        txn: TxnId,
+        /// Committed or aborted with the reason.
+        outcome: Outcome,
+    },
+    /// Abort succeeded (also when it was already aborted).
+    Aborted {
+        /// The transaction.
+        txn: TxnId,
+    },
+    /// Status.
+    Status(TxnStatus),
+    /// QueryDecision.
+    Decision(Decision),
+    /// The request cannot be carried out.
+    Error(CoreError),
+}
+
+/// Why a request was refused. Each maps to one gRPC code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CoreError {
+    /// The id was never issued by this coordinator.
+    #[error("transaction {0} was never begun by this coordinator")]
+    NotFound(TxnId),
+    /// Enlistment after Commit, Abort or the deadline.
+    #[error("transaction {txn} no longer accepts participants: it is {state}")]
+    EnlistmentClosed {
+        /// The transaction.
+        txn: TxnId,
+        /// Where it is, in words.
+        state: &'static str,
+    },
+    /// Abort after a commit decision.
+    #[error("transaction {0} is already decided commit")]
+    AlreadyCommitted(TxnId),
+    /// A timeout above the configured maximum.
+    #[error("timeout {asked_ms} ms is above the maximum {max_ms} ms")]
+    TimeoutTooLong {
+        /// Asked.
+        asked_ms: u64,
+        /// Allowed.
+        max_ms: u64,
+    },
+    /// The decision log failed; the outcome is unknown until recovery.
+    #[error("the decision log failed ({0}); the outcome is unknown until the coordinator recovers")]
+    LogFailed(String),
+}
+
+/// A participant as Status reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParticipantStatus {
+    /// Name.
+    pub name: ParticipantName,
+    /// Endpoint.
+    pub endpoint: String,
+    /// Its vote, once known.
+    pub vote: Option<Vote>,
+    /// Phase two acknowledged (or not needed).
+    pub acknowledged: bool,
+    /// Failed deliveries so far.
+    pub retries: u32,
+}
+
+/// What Status reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TxnStatus {
+    /// The transaction.
+    pub txn: TxnId,
+    /// Its state.
+    pub state: TxnState,
+    /// Why it aborted, when it did.
+    pub abort_reason: Option<AbortReason>,
+    /// Participants, when the details are still held.
+    pub participants: Vec<ParticipantStatus>,
+    /// The deadline, when known.
+    pub deadline: Option<UnixMillis>,
+    /// Phase two finished everywhere.
+    pub finished: bool,
+    /// Answered from the presumed-abort rule or the compact committed set,
+    /// without details.
+    pub presumed: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Branch {
+    endpoint: String,
+    payload: Option<Vec<u8>>,
+    vote: Option<Vote>,
+    acked: bool,
+    retries: u32,
+    /// A phase-two message is in flight or a retry timer is set.
+    delivering: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Txn {
+    state: TxnState,
+    deadline: UnixMillis,
+    participants: BTreeMap<ParticipantName, Branch>,
+    /// Commit/Execute callers waiting for the outcome.
+    waiters: Vec<ReqId>,
+    abort_reason: Option<AbortReason>,
+    /// Phase two complete; the details are kept until the Forget timer.
+    finished: bool,
+}
+
+/// The coordinator's state machine. See the module docs.
+#[derive(Debug)]
+pub struct Core {
+    config: CoreConfig,
+    epoch: u64,
+    next_seq: u64,
+    txns: BTreeMap<TxnId, Txn>,
+    /// Committed and finished transactions whose details were dropped.
+    committed: BTreeSet<TxnId>,
+    rng: u64,
+}
+
+impl Core {
+    /// A core for coordinator run `epoch` (persisted by the driver, higher
+    /// than every earlier run's).
+    pub fn new(epoch: u64, config: CoreConfig) -> Self {
+        assert!(epoch > 0, "epochs start at 1");
+        let rng = config.seed | 1;
+        Core { config, epoch, next_seq: 1, txns: BTreeMap::new(), committed: BTreeSet::new(), rng }
+    }
+
+    /// This run's epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Number of transactions not yet finished (for metrics and drain).
+    pub fn unfinished(&self) -> usize {
+        self.txns.values().filter(|t| !t.finished).count()
+    }
+
+    /// Loads the decision log at start. Every COMMIT not ended resumes
+    /// delivery; ended ones are remembered as committed. Returns the effects
+    /// that resume phase two.
+    pub fn recover(&mut self, now: UnixMillis, records: Vec<(TxnId, DecisionRecord)>) -> Vec<Effect> {
+        let mut out = Vec::new();
+        for (txn, record) in records {
+            if record.ended {
+                self.committed.insert(txn);
+                continue;
+            }
+            let mut participants = BTreeMap::new();
+            for p in record.participants {
+                let Ok(name) = ParticipantName::new(p.name) else { continue };
+                participants.insert(
+                    name,
+                    Branch { endpoint: p.endpoint, payload: None, vote: Some(Vote::Yes), acked: false, retries: 0, delivering: false },
+                );
+            }
+            self.txns.insert(
+                txn,
+                Txn { state: TxnState::Committed, deadline: now, participants, waiters: Vec::new(), abort_reason: None, finished: false },
+            );
+            // The record was read back from the log: it is durable.
+            self.send_phase_two(&mut out, now, txn, PhaseTwo::Commit(DecisionDurable { _private: () }));
+        }
+        out
+    }
+
+    /// Advances the state machine by one input.
+    pub fn step(&mut self, now: UnixMillis, input: Input) -> Vec<Effect> {
+        let mut out = Vec::new();
+        match input {
+            Input::Begin { req, timeout_ms } => match self.begin(now, timeout_ms, BTreeMap::new()) {
+                Ok((txn, deadline, timer)) => {
+                    out.push(timer);
+                    out.push(reply(req, Reply::Begun { txn, deadline }));
+                }
+                Err(e) => out.push(reply(req, Reply::Error(e))),
+            },
+            Input::Enlist { req, txn, participant, endpoint } => self.enlist(&mut out, now, req, txn, participant, endpoint),
+            Input::Commit { req, txn } => self.commit(&mut out, now, req, txn),
+            Input::Abort { req, txn, detail } => self.abort_request(&mut out, now, req, txn, detail),
+            Input::Execute { req, branches, timeout_ms } => {
+                let parts = branches
+                    .into_iter()
+                    .map(|b| {
+                        let branch =
+                            Branch { endpoint: b.endpoint, payload: Some(b.payload), vote: None, acked: false, retries: 0, delivering: false };
+                        (b.participant, branch)
+                    })
+                    .collect();
+                match self.begin(now, timeout_ms, parts) {
+                    Ok((txn, _, timer)) => {
+                        out.push(timer);
+                        self.commit(&mut out, now, req, txn);
+                    }
+                    Err(e) => out.push(reply(req, Reply::Error(e))),
+                }
+            }
+            Input::Status { req, txn } => {
+                let r = self.status(txn);
+                out.push(reply(req, r));
+            }
+            Input::QueryDecision { req, txn } => {
+                let d = match self.txns.get(&txn) {
+                    Some(t) => match t.state {
+                        TxnState::Active | TxnState::Preparing | TxnState::Deciding => Decision::Pending,
+                        TxnState::Committed => Decision::Commit,
+                        TxnState::Aborted => Decision::Abort,
+                    },
+                    None if self.committed.contains(&txn) => Decision::Commit,
+                    // Presumed abort: no record of a commit means abort.
+                    None => Decision::Abort,
+                };
+                out.push(reply(req, Reply::Decision(d)));
+            }
+            Input::Voted { txn, participant, vote } => self.voted(&mut out, now, txn, participant, vote),
+            Input::Delivered { txn, participant, result } => self.delivered(&mut out, now, txn, participant, result),
+            Input::Durable { txn } => self.durable(&mut out, now, txn),
+            Input::PersistFailed { txn, error } => {
+                if let Some(t) = self.txns.get_mut(&txn)
+                    && t.state == TxnState::Deciding
+                {
+                    // The decision may or may not be on disk. Stay in
+                    // Deciding (QueryDecision answers Pending) and tell the
+                    // callers the outcome is unknown; recovery settles it.
+                    for w in std::mem::take(&mut t.waiters) {
+                        out.push(reply(w, Reply::Error(CoreError::LogFailed(error.clone()))));
+                    }
+                }
+            }
+            Input::Timer(timer) => self.timer(&mut out, now, timer),
+        }
+        out
+    }
+
+    fn issued(&self, txn: TxnId) -> bool {
+        txn.epoch < self.epoch || (txn.epoch == self.epoch && txn.seq < self.next_seq)
+    }
+
+    fn begin(
+        &mut self,
+        now: UnixMillis,
+        timeout_ms: u64,
+        participants: BTreeMap<ParticipantName, Branch>,
+    ) -> Result<(TxnId, UnixMillis, Effect), CoreError> {
+        let timeout = if timeout_ms == 0 { self.config.default_timeout_ms } else { timeout_ms };
+        if timeout > self.config.max_timeout_ms {
+            return Err(CoreError::TimeoutTooLong { asked_ms: timeout, max_ms: self.config.max_timeout_ms });
+        }
+        let txn = TxnId { epoch: self.epoch, seq: self.next_seq };
+        self.next_seq += 1;
+        let deadline = now.plus(timeout);
+        self.txns.insert(
+            txn,
+            Txn { state: TxnState::Active, deadline, participants, waiters: Vec::new(), abort_reason: None, finished: false },
+        );
+        Ok((txn, deadline, Effect::SetTimer { at: deadline, timer: Timer::Deadline(txn) }))
+    }
+
+    fn enlist(&mut self, out: &mut Vec<Effect>, now: UnixMillis, req: ReqId, txn: TxnId, participant: ParticipantName, endpoint: String) {
+        let Some(t) = self.txns.get_mut(&txn) else {
+            let e = if self.issued(txn) {
+                CoreError::EnlistmentClosed { txn, state: "finished" }
+            } else {
+                CoreError::NotFound(txn)
+            };
+            out.push(reply(req, Reply::Error(e)));
+            return;
+        };
+        if t.state == TxnState::Active && now >= t.deadline {
+            // The deadline timer has not fired yet; act as if it had.
+            self.abort(out, now, txn, AbortReason::new(AbortCode::DeadlineExceeded, "deadline passed before commit"));
+            out.push(reply(req, Reply::Error(CoreError::EnlistmentClosed { txn, state: "aborted" })));
+            return;
+        }
+        let Some(t) = self.txns.get_mut(&txn) else { return };
+        match t.state {
+            TxnState::Active => {
+                let b = t.participants.entry(participant).or_insert_with(|| Branch {
+                    endpoint: endpoint.clone(),
+                    payload: None,
+                    vote: None,
+                    acked: false,
+                    retries: 0,
+                    delivering: false,
+                });
+                // A participant that moved re-enlists with its new address.
+                b.endpoint = endpoint;
+                out.push(reply(req, Reply::Enlisted { deadline: t.deadline }));
+            }
+            state => {
+                let state = match state {
+                    TxnState::Preparing | TxnState::Deciding => "committing",
+                    TxnState::Committed => "committed",
+                    _ => "aborted",
+                };
+                out.push(reply(req, Reply::Error(CoreError::EnlistmentClosed { txn, state })));
+            }
+        }
+    }
+
+    fn commit(&mut self, out: &mut Vec<Effect>, now: UnixMillis, req: ReqId, txn: TxnId) {
+        let Some(t) = self.txns.get_mut(&txn) else {
+            let r = if self.committed.contains(&txn) {
+                Reply::Outcome { txn, outcome: Outcome::Committed }
+            } else if self.issued(txn) {
+                Reply::Outcome { txn, outcome: Outcome::Aborted(presumed_reason()) }
+            } else {
+                Reply::Error(CoreError::NotFound(txn))
+            };
+            out.push(reply(req, r));
+            return;
+        };
+        match t.state {
+            TxnState::Active if now >= t.deadline => {
+                t.waiters.push(req);
+                self.abort(out, now, txn, AbortReason::new(AbortCode::DeadlineExceeded, "deadline passed before commit"));
+            }
+            TxnState::Active if t.participants.is_empty() => {
+                // Nothing to commit anywhere: trivially committed.
+                t.state = TxnState::Committed;
+                t.finished = true;
+                out.push(reply(req, Reply::Outcome { txn, outcome: Outcome::Committed }));
+                out.push(Effect::SetTimer { at: now.plus(self.config.retention_ms), timer: Timer::Forget(txn) });
+            }
+            TxnState::Active => {
+                t.state = TxnState::Preparing;
+                t.waiters.push(req);
+                for (name, b) in &t.participants {
+                    out.push(Effect::SendPrepare {
+                        txn,
+                        participant: name.clone(),
+                        endpoint: b.endpoint.clone(),
+                        payload: b.payload.clone(),
+                        deadline: t.deadline,
+                    });
+                }
+                let at = now.plus(self.config.prepare_timeout_ms).min(t.deadline);
+                out.push(Effect::SetTimer { at, timer: Timer::PrepareTimeout(txn) });
+            }
+            TxnState::Preparing | TxnState::Deciding => t.waiters.push(req),
+            TxnState::Committed => out.push(reply(req, Reply::Outcome { txn, outcome: Outcome::Committed })),
+            TxnState::Aborted => {
+                let reason = t.abort_reason.clone().unwrap_or_else(presumed_reason);
+                out.push(reply(req, Reply::Outcome { txn, outcome: Outcome::Aborted(reason) }));
+            }
+        }
+    }
+
+    fn abort_request(&mut self, out: &mut Vec<Effect>, now: UnixMillis, req: ReqId, txn: TxnId, detail: String) {
+        let r = match self.txns.get(&txn).map(|t| t.state) {
+            Some(TxnState::Active | TxnState::Preparing) => {
+                let detail = if detail.is_empty() { "aborted by the initiator".to_owned() } else { detail };
+                self.abort(out, now, txn, AbortReason::new(AbortCode::AbortedByClient, detail));
+                Reply::Aborted { txn }
+            }
+            Some(TxnState::Aborted) => Reply::Aborted { txn },
+            Some(TxnState::Deciding | TxnState::Committed) => Reply::Error(CoreError::AlreadyCommitted(txn)),
+            None if self.committed.contains(&txn) => Reply::Error(CoreError::AlreadyCommitted(txn)),
+            None if self.issued(txn) => Reply::Aborted { txn },
+            None => Reply::Error(CoreError::NotFound(txn)),
+        };
+        out.push(reply(req, r));
+    }
+
+    fn voted(&mut self, out: &mut Vec<Effect>, now: UnixMillis, txn: TxnId, participant: ParticipantName, vote: Result<Vote, String>) {
+        let Some(t) = self.txns.get_mut(&txn) else { return };
+        let Some(b) = t.participants.get_mut(&participant) else { return };
+        if t.state != TxnState::Preparing {
+            // A late vote. If the transaction aborted meanwhile and this
+            // participant did prepare, make sure it hears the abort.
+            if t.state == TxnState::Aborted && vote == Ok(Vote::Yes) && b.vote.is_none() {
+                b.vote = Some(Vote::Yes);
+                b.acked = false;
+                b.retries = 0;
+                if !b.delivering {
+                    b.delivering = true;
+                    out.push(Effect::SendDecision { txn, participant, endpoint: b.endpoint.clone(), decision: PhaseTwo::Abort });
+                }
+            }
+            return;
+        }
+        if b.vote.is_some() {
+            return; // duplicate
+        }
+        match vote {
+            Ok(Vote::No(detail)) => {
+                b.vote = Some(Vote::No(detail.clone()));
+                // A NO voter has aborted its branch already.
+                b.acked = true;
+                self.abort(out, now, txn, AbortReason::at(AbortCode::ParticipantVotedNo, &participant, detail));
+            }
+            Err(e) => self.abort(out, now, txn, AbortReason::at(AbortCode::PrepareFailed, &participant, e)),
+            Ok(v) => {
+                if v == Vote::ReadOnly {
+                    b.acked = true;
+                }
+                b.vote = Some(v);
+                if t.participants.values().all(|b| b.vote.is_some()) {
+                    let yes: Vec<LoggedParticipant> = t
+                        .participants
+                        .iter()
+                        .filter(|(_, b)| b.vote == Some(Vote::Yes))
+                        .map(|(n, b)| LoggedParticipant { name: n.as_str().to_owned(), endpoint: b.endpoint.clone() })
+                        .collect();
+                    if yes.is_empty() {
+                        // Every participant is read-only: nothing to log or
+                        // deliver.
+                        t.state = TxnState::Committed;
+                        t.finished = true;
+                        for w in std::mem::take(&mut t.waiters) {
+                            out.push(reply(w, Reply::Outcome { txn, outcome: Outcome::Committed }));
+                        }
+                        out.push(Effect::SetTimer { at: now.plus(self.config.retention_ms), timer: Timer::Forget(txn) });
+                    } else {
+                        t.state = TxnState::Deciding;
+                        out.push(Effect::PersistDecision {
+                            txn,
+                            record: DecisionRecord { participants: yes, decided_unix_ms: now.0, ended: false },
+                            synced: true,
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    fn durable(&mut self, out: &mut Vec<Effect>, now: UnixMillis, txn: TxnId) {
+        let Some(t) = self.txns.get_mut(&txn) else { return };
+        if t.state != TxnState::Deciding {
+            return;
+        }
+        t.state = TxnState::Committed;
+        for w in std::mem::take(&mut t.waiters) {
+            out.push(reply(w, Reply::Outcome { txn, outcome: Outcome::Committed }));
+        }
+        self.send_phase_two(out, now, txn, PhaseTwo::Commit(DecisionDurable { _private: () }));
+    }
+
+    /// Decides abort (never logged: presumed abort) and tells everyone who
+    /// may hold work for the transaction.
+    fn abort(&mut self, out: &mut Vec<Effect>, now: UnixMillis, txn: TxnId, reason: AbortReason) {
+        let Some(t) = self.txns.get_mut(&txn) else { return };
+        assert!(
+            matches!(t.state, TxnState::Active | TxnState::Preparing),
+            "abort of {txn} in state {:?}: a decision never changes",
+            t.state
+        );
+        t.state = TxnState::Aborted;
+        for w in std::mem::take(&mut t.waiters) {
+            out.push(reply(w, Reply::Outcome { txn, outcome: Outcome::Aborted(reason.clone()) }));
+        }
+        t.abort_reason = Some(reason);
+        self.send_phase_two(out, now, txn, PhaseTwo::Abort);
+    }
+
+    fn send_phase_two(&mut self, out: &mut Vec<Effect>, now: UnixMillis, txn: TxnId, decision: PhaseTwo) {
+        let Some(t) = self.txns.get_mut(&txn) else { return };
+        for (name, b) in t.participants.iter_mut() {
+            if b.acked || b.delivering {
+                continue;
+            }
+            b.delivering = true;
+            out.push(Effect::SendDecision { txn, participant: name.clone(), endpoint: b.endpoint.clone(), decision });
+        }
+        self.maybe_finish(out, now, txn);
+    }
+
+    fn delivered(&mut self, out: &mut Vec<Effect>, now: UnixMillis, txn: TxnId, participant: ParticipantName, result: Result<(), String>) {
+        let base = self.config.retry_base_ms;
+        let max = self.config.retry_max_ms;
+        let attempts = self.config.abort_delivery_attempts;
+        let Some(t) = self.txns.get_mut(&txn) else { return };
+        let state = t.state;
+        let Some(b) = t.participants.get_mut(&participant) else { return };
+        if b.acked {
+            return;
+        }
+        match result {
+            Ok(()) => {
+                b.acked = true;
+                b.delivering = false;
+                self.maybe_finish(out, now, txn);
+            }
+            Err(_) => {
+                b.retries += 1;
+                if state == TxnState::Aborted && b.retries >= attempts {
+                    // Give up on abort delivery: a prepared participant asks
+                    // (and is told abort); an unprepared one aborts at its
+                    // deadline.
+                    b.acked = true;
+                    b.delivering = false;
+                    self.maybe_finish(out, now, txn);
+                    return;
+                }
+                let shift = b.retries.min(20);
+                let cap = base.saturating_mul(1u64 << shift).min(max).max(1);
+                // Full jitter in [cap/2, cap].
+                let delay = cap / 2 + next_rand(&mut self.rng) % (cap / 2 + 1);
+                out.push(Effect::SetTimer { at: now.plus(delay), timer: Timer::Retry(txn, participant) });
+            }
+        }
+    }
+
+    fn maybe_finish(&mut self, out: &mut Vec<Effect>, now: UnixMillis, txn: TxnId) {
+        let Some(t) = self.txns.get_mut(&txn) else { return };
+        if t.finished || !matches!(t.state, TxnState::Committed | TxnState::Aborted) || !t.participants.values().all(|b| b.acked) {
+            return;
+        }
+        t.finished = true;
+        if t.state == TxnState::Committed {
+            let participants = t
+                .participants
+                .iter()
+                .filter(|(_, b)| b.vote == Some(Vote::Yes))
+                .map(|(n, b)| LoggedParticipant { name: n.as_str().to_owned(), endpoint: b.endpoint.clone() })
+                .collect();
+            out.push(Effect::PersistDecision {
+                txn,
+                record: DecisionRecord { participants, decided_unix_ms: now.0, ended: true },
+                synced: false,
+            });
+        }
+        out.push(Effect::SetTimer { at: now.plus(self.config.retention_ms), timer: Timer::Forget(txn) });
+    }
+
+    fn timer(&mut self, out: &mut Vec<Effect>, now: UnixMillis, timer: Timer) {
+        match timer {
+            Timer::Deadline(txn) => {
+                if let Some(t) = self.txns.get(&txn)
+                    && matches!(t.state, TxnState::Active | TxnState::Preparing)
+                {
+                    self.abort(out, now, txn, AbortReason::new(AbortCode::DeadlineExceeded, "deadline passed before a decision"));
+                }
+            }
+            Timer::PrepareTimeout(txn) => {
+                if let Some(t) = self.txns.get(&txn)
+                    && t.state == TxnState::Preparing
+                {
+                    let silent: Vec<&str> = t.participants.iter().filter(|(_, b)| b.vote.is_none()).map(|(n, _)| n.as_str()).collect();
+                    let reason = match t.participants.iter().find(|(_, b)| b.vote.is_none()) {
+                        Some((first, _)) => AbortReason::at(AbortCode::PrepareTimeout, first, format!("no vote in time from {}", silent.join(", "))),
+                        None => AbortReason::new(AbortCode::PrepareTimeout, "votes came too late"),
+                    };
+                    self.abort(out, now, txn, reason);
+                }
+            }
+            Timer::Retry(txn, participant) => {
+                let Some(t) = self.txns.get_mut(&txn) else { return };
+                let decision = match t.state {
+                    // Only reachable after durable(): recovery or the
+                    // Durable input made the decision, so the proof holds.
+                    TxnState::Committed => PhaseTwo::Commit(DecisionDurable { _private: () }),
+                    TxnState::Aborted => PhaseTwo::Abort,
+                    _ => return,
+                };
+                if let Some(b) = t.participants.get(&participant)
+                    && !b.acked
+                {
+                    out.push(Effect::SendDecision { txn, participant, endpoint: b.endpoint.clone(), decision });
+                }
+            }
+            Timer::Forget(txn) => {
+                if let Some(t) = self.txns.get(&txn)
+                    && t.finished
+                {
+                    if t.state == TxnState::Committed {
+                        self.committed.insert(txn);
+                    }
+                    self.txns.remove(&txn);
+                }
+            }
+        }
+    }
+
+    fn status(&self, txn: TxnId) -> Reply {
+        if let Some(t) = self.txns.get(&txn) {
+            return Reply::Status(TxnStatus {
+                txn,
+                state: t.state,
+                abort_reason: t.abort_reason.clone(),
+                participants: t
+                    .participants
+                    .iter()
+                    .map(|(n, b)| ParticipantStatus {
+                        name: n.clone(),
+                        endpoint: b.endpoint.clone(),
+                        vote: b.vote.clone(),
+                        acknowledged: b.acked,
+                        retries: b.retries,
+                    })
+                    .collect(),
+                deadline: Some(t.deadline),
+                finished: t.finished,
+                presumed: false,
+            });
+        }
+        let brief = |state, abort_reason| TxnStatus {
+            txn,
+            state,
+            abort_reason,
+            participants: Vec::new(),
+            deadline: None,
+            finished: true,
+            presumed: true,
+        };
+        if self.committed.contains(&txn) {
+            Reply::Status(brief(TxnState::Committed, None))
+        } else if self.issued(txn) {
+            Reply::Status(brief(TxnState::Aborted, Some(presumed_reason())))
+        } else {
+            Reply::Error(CoreError::NotFound(txn))
+        }
+    }
+}
+
+fn reply(req: ReqId, reply: Reply) -> Effect {
+    Effect::Reply { req, reply }
+}
+
+fn presumed_reason() -> AbortReason {
+    AbortReason::new(AbortCode::PresumedAbort, "the coordinator holds no commit decision for this transaction")
+}
+
+/// xorshift64*: deterministic jitter without a dependency.
+fn next_rand(state: &mut u64) -> u64 {
+    let mut x = *state;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    *state = x;
+    x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+}

@@ -1,0 +1,275 @@
+//! The coordinator's driver: one tokio task owns the [`Core`] and performs
+//! its effects.
+//!
+//! Callers (the gRPC handlers) send an [`Input`] with a oneshot for the
+//! [`Reply`] through a [`Handle`]. The driver steps the core with the wall
+//! clock, then carries out each effect: replies go to their callers; decision
+//! records go to the group-commit log and come back as `Durable` once synced;
+//! Prepare and phase-two messages go out on long-lived tonic channels (one per
+//! participant endpoint) from spawned tasks whose results come back as inputs;
+//! timers are spawned sleeps that send `Timer` inputs.
+//!
+//! Persist before send holds because the core only emits a Commit message
+//! after the `Durable` input, which this driver sends only after the log's
+//! synced write resolved `Ok`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tonic::transport::{Channel, Endpoint};
+use tracing::{debug, error, warn};
+use twopc_proto::pb::participant_client::ParticipantClient;
+use twopc_proto::{TxnId, UnixMillis, Vote, pb};
+
+use crate::core::{Core, Effect, Input, PhaseTwo, ReqId, Reply};
+use crate::log::DecisionLog;
+
+/// Per-call limits of the driver's outgoing RPCs.
+#[derive(Debug, Clone)]
+pub struct DriverConfig {
+    /// Longest a Prepare RPC may take (the core's prepare timeout also
+    /// bounds the phase as a whole).
+    pub prepare_rpc_timeout: Duration,
+    /// Longest a Commit/Abort RPC may take before it counts as failed and is
+    /// retried.
+    pub decision_rpc_timeout: Duration,
+    /// Connect timeout of participant channels.
+    pub connect_timeout: Duration,
+}
+
+impl Default for DriverConfig {
+    fn default() -> Self {
+        DriverConfig {
+            prepare_rpc_timeout: Duration::from_secs(5),
+            decision_rpc_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+enum Msg {
+    Call { req: ReqId, input: Input, reply: oneshot::Sender<Reply> },
+    Internal(Input),
+    Stop(oneshot::Sender<()>),
+}
+
+/// The driver stopped (shutdown, or its log failed).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the coordinator is shutting down")]
+pub struct Stopped;
+
+/// A cheap, cloneable way to talk to the driver.
+#[derive(Clone)]
+pub struct Handle {
+    tx: mpsc::Sender<Msg>,
+    next_req: Arc<AtomicU64>,
+}
+
+impl Handle {
+    /// Sends the input that `make` builds for a fresh request id and waits
+    /// for the core's reply.
+    pub async fn call(&self, make: impl FnOnce(ReqId) -> Input) -> Result<Reply, Stopped> {
+        let req = self.next_req.fetch_add(1, Ordering::Relaxed);
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Msg::Call { req, input: make(req), reply }).await.map_err(|_| Stopped)?;
+        rx.await.map_err(|_| Stopped)
+    }
+
+    /// Stops the driver after the inputs already queued; closes the log.
+    pub async fn stop(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Msg::Stop(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// Starts the driver for `core`, replaying `recovery` effects first.
+pub fn spawn(core: Core, recovery: Vec<Effect>, log: DecisionLog, config: DriverConfig) -> Handle {
+    let (tx, rx) = mpsc::channel(16_384);
+    let handle = Handle { tx: tx.clone(), next_req: Arc::new(AtomicU64::new(1)) };
+    let driver = Driver { core, log, config, tx, pending: HashMap::new(), clients: HashMap::new() };
+    tokio::spawn(driver.run(rx, recovery));
+    handle
+}
+
+struct Driver {
+    core: Core,
+    log: DecisionLog,
+    config: DriverConfig,
+    tx: mpsc::Sender<Msg>,
+    pending: HashMap<ReqId, oneshot::Sender<Reply>>,
+    clients: HashMap<String, ParticipantClient<Channel>>,
+}
+
+impl Driver {
+    async fn run(mut self, mut rx: mpsc::Receiver<Msg>, recovery: Vec<Effect>) {
+        for e in recovery {
+            self.perform(e);
+        }
+        while let Some(msg) = rx.recv().await {
+            let input = match msg {
+                Msg::Call { req, input, reply } => {
+                    self.pending.insert(req, reply);
+                    input
+                }
+                Msg::Internal(input) => input,
+                Msg::Stop(done) => {
+                    drop(self);
+                    let _ = done.send(());
+                    return;
+                }
+            };
+            for e in self.core.step(UnixMillis::now(), input) {
+                self.perform(e);
+            }
+        }
+    }
+
+    fn client(&mut self, endpoint: &str) -> Result<ParticipantClient<Channel>, String> {
+        if let Some(c) = self.clients.get(endpoint) {
+            return Ok(c.clone());
+        }
+        let ep = Endpoint::from_shared(endpoint.to_owned())
+            .map_err(|e| format!("invalid endpoint {endpoint:?}: {e}"))?
+            .connect_timeout(self.config.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30));
+        let client = ParticipantClient::new(ep.connect_lazy());
+        self.clients.insert(endpoint.to_owned(), client.clone());
+        Ok(client)
+    }
+
+    fn internal(&self, fut: impl Future<Output = Input> + Send + 'static) {
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let input = fut.await;
+            let _ = tx.send(Msg::Internal(input)).await;
+        });
+    }
+
+    fn perform(&mut self, effect: Effect) {
+        match effect {
+            Effect::Reply { req, reply } => {
+                if let Some(tx) = self.pending.remove(&req) {
+                    let _ = tx.send(reply);
+                }
+            }
+            Effect::PersistDecision { txn, record, synced } => {
+                let ticket = self.log.persist(txn, &record, synced);
+                if synced {
+                    self.internal(async move {
+                        match twopc_storage::wait(ticket).await {
+                            Ok(()) => Input::Durable { txn },
+                            Err(e) => {
+                                error!(%txn, error = %e, "decision write failed");
+                                Input::PersistFailed { txn, error: e.to_string() }
+                            }
+                        }
+                    });
+                } else {
+                    tokio::spawn(async move {
+                        if let Err(e) = twopc_storage::wait(ticket).await {
+                            warn!(%txn, error = %e, "END record write failed; it is rewritten after a restart");
+                        }
+                    });
+                }
+            }
+            Effect::SendPrepare { txn, participant, endpoint, payload, deadline } => {
+                let client = self.client(&endpoint);
+                let epoch = self.core.epoch();
+                let timeout = self.config.prepare_rpc_timeout;
+                self.internal(async move {
+                    let vote = match client {
+                        Err(e) => Err(e),
+                        Ok(mut c) => {
+                            let mut req = tonic::Request::new(pb::PrepareRequest {
+                                txn_id: txn.to_string(),
+                                coordinator_epoch: epoch,
+                                payload,
+                                deadline_unix_ms: deadline.0,
+                            });
+                            req.set_timeout(timeout);
+                            match c.prepare(req).await {
+                                Ok(r) => Vote::try_from(r.get_ref()),
+                                Err(s) => Err(format!("prepare failed: {}: {}", code_name(s.code()), s.message())),
+                            }
+                        }
+                    };
+                    debug!(%txn, %participant, ?vote, "vote");
+                    Input::Voted { txn, participant, vote }
+                });
+            }
+            Effect::SendDecision { txn, participant, endpoint, decision } => {
+                let client = self.client(&endpoint);
+                let epoch = self.core.epoch();
+                let timeout = self.config.decision_rpc_timeout;
+                self.internal(async move {
+                    let result = match client {
+                        Err(e) => Err(e),
+                        Ok(c) => send_decision(c, txn, epoch, decision, timeout).await,
+                    };
+                    if let Err(e) = &result {
+                        warn!(%txn, %participant, error = %e, "phase-two delivery failed; will retry");
+                    }
+                    Input::Delivered { txn, participant, result }
+                });
+            }
+            Effect::SetTimer { at, timer } => {
+                let delay = UnixMillis::now().until(at);
+                self.internal(async move {
+                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                    Input::Timer(timer)
+                });
+            }
+        }
+    }
+}
+
+async fn send_decision(
+    mut c: ParticipantClient<Channel>,
+    txn: TxnId,
+    epoch: u64,
+    decision: PhaseTwo,
+    timeout: Duration,
+) -> Result<(), String> {
+    let r = match decision {
+        PhaseTwo::Commit(_) => {
+            let mut req = tonic::Request::new(pb::CommitBranchRequest { txn_id: txn.to_string(), coordinator_epoch: epoch });
+            req.set_timeout(timeout);
+            c.commit(req).await.map(|_| ())
+        }
+        PhaseTwo::Abort => {
+            let mut req = tonic::Request::new(pb::AbortBranchRequest { txn_id: txn.to_string(), coordinator_epoch: epoch });
+            req.set_timeout(timeout);
+            c.abort(req).await.map(|_| ())
+        }
+    };
+    r.map_err(|s| format!("{}: {}", code_name(s.code()), s.message()))
+}
+
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}

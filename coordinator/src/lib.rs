@@ -1,0 +1,150 @@
+//! The two-phase-commit coordinator: protocol core, driver, decision log and
+//! gRPC service, plus [`run`], which serves them on a listener until a
+//! shutdown future resolves.
+//!
+//! Layers, from the inside out:
+//! - [`core`]: the IO-free state machine (presumed-abort 2PC with dynamic
+//!   enlistment). All protocol decisions are made here.
+//! - [`log`]: the decision log on RocksDB (group commit, synced decisions).
+//! - [`driver`]: the task that owns the core and carries out its effects.
+//! - [`service`]: the `twopc.v1.Coordinator` handlers.
+
+pub mod core;
+pub mod driver;
+pub mod log;
+pub mod service;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use twopc_proto::{UnixMillis, pb};
+
+use crate::core::{Core, CoreConfig};
+use crate::driver::DriverConfig;
+use crate::log::{DecisionLog, LogError};
+use crate::service::{CoordinatorService, Limits, Registry};
+
+/// The daemon's configuration. Every field is a flag and a `TWOPC_`
+/// environment variable; flags win.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    /// Address the gRPC API listens on. Port 0 picks a free port; the bound
+    /// address is printed on stdout as "listening on ADDR".
+    #[arg(long, env = "TWOPC_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// Directory of the decision log (RocksDB). Created if missing.
+    #[arg(long, env = "TWOPC_DATA_DIR", default_value = "./data/coordinator")]
+    pub data_dir: PathBuf,
+
+    /// Timeout of a transaction whose Begin or Execute asks for none.
+    #[arg(long, env = "TWOPC_DEFAULT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub default_timeout: Duration,
+
+    /// Longest timeout a transaction may ask for.
+    #[arg(long, env = "TWOPC_MAX_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub max_timeout: Duration,
+
+    /// How long all votes may take after Commit before the transaction
+    /// aborts with PREPARE_TIMEOUT.
+    #[arg(long, env = "TWOPC_PREPARE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub prepare_timeout: Duration,
+
+    /// How long a finished transaction's details stay available to Status.
+    #[arg(long, env = "TWOPC_RETENTION", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub retention: Duration,
+
+    /// Most branches one Execute may name.
+    #[arg(long, env = "TWOPC_MAX_BRANCHES", default_value_t = 64)]
+    pub max_branches: usize,
+
+    /// Largest payload of one Execute branch, in bytes.
+    #[arg(long, env = "TWOPC_MAX_PAYLOAD_BYTES", default_value_t = 64 * 1024)]
+    pub max_payload_bytes: usize,
+}
+
+impl Config {
+    /// A configuration for tests: the given data dir, loopback port 0, and
+    /// the defaults otherwise.
+    pub fn for_dir(data_dir: impl Into<PathBuf>) -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir: data_dir.into(),
+            default_timeout: Duration::from_secs(10),
+            max_timeout: Duration::from_secs(300),
+            prepare_timeout: Duration::from_secs(5),
+            retention: Duration::from_secs(600),
+            max_branches: 64,
+            max_payload_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// Why the coordinator could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The decision log could not be opened or read.
+    #[error("decision log: {0}")]
+    Log(#[from] LogError),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// Reflection could not load the descriptors.
+    #[error("reflection: {0}")]
+    Reflection(String),
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Opens the log, recovers, and serves the coordinator on `listener` until
+/// `shutdown` resolves. Then stops accepting requests, stops the driver and
+/// closes the log.
+pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
+    let log = DecisionLog::open(&config.data_dir)?;
+    let epoch = log.next_epoch().await?;
+    let records = log.load()?;
+    let registry = Registry::new(log.registry()?);
+    let core_config = CoreConfig {
+        default_timeout_ms: ms(config.default_timeout),
+        max_timeout_ms: ms(config.max_timeout),
+        prepare_timeout_ms: ms(config.prepare_timeout),
+        retention_ms: ms(config.retention),
+        seed: epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        ..CoreConfig::default()
+    };
+    let mut core = Core::new(epoch, core_config);
+    let pending = records.iter().filter(|(_, r)| !r.ended).count();
+    let recovery = core.recover(UnixMillis::now(), records);
+    tracing::info!(epoch, resuming = pending, data_dir = %config.data_dir.display(), "decision log recovered");
+    let driver_config = DriverConfig { prepare_rpc_timeout: config.prepare_timeout, ..DriverConfig::default() };
+    let handle = driver::spawn(core, recovery, log.clone(), driver_config);
+    let service = CoordinatorService::new(
+        handle.clone(),
+        registry,
+        log,
+        Limits { max_branches: config.max_branches, max_payload_bytes: config.max_payload_bytes },
+    );
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<pb::coordinator_server::CoordinatorServer<CoordinatorService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(twopc_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Reflection(e.to_string()))?;
+
+    let result = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(pb::coordinator_server::CoordinatorServer::new(service))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+    handle.stop().await;
+    result?;
+    Ok(())
+}

@@ -1,0 +1,134 @@
+//! The coordinator's decision log on the shared group-commit store.
+//!
+//! Column families:
+//! - `decisions`: transaction id (16 bytes, big-endian) → [`DecisionRecord`].
+//!   Only COMMIT decisions are ever written (presumed abort), synced before
+//!   anyone hears of them; the END rewrite is lazy.
+//! - `meta`: `epoch` → the last coordinator run's epoch (u64 big-endian),
+//!   raised and synced at every start so transaction ids never repeat.
+//! - `participants`: name → endpoint, the registry Execute resolves names in.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use prost::Message;
+use twopc_proto::logpb::DecisionRecord;
+use twopc_proto::{ParticipantName, TxnId};
+use twopc_storage::{Batch, Durability, LogStore, RocksStore, StorageError, WriteTicket, wait};
+
+const CF_DECISIONS: &str = "decisions";
+const CF_META: &str = "meta";
+const CF_PARTICIPANTS: &str = "participants";
+const EPOCH_KEY: &[u8] = b"epoch";
+
+/// Every column family the coordinator's store holds.
+pub const COLUMN_FAMILIES: &[&str] = &[CF_DECISIONS, CF_META, CF_PARTICIPANTS];
+
+/// Errors reading the log. Corrupt records are reported, never skipped
+/// silently: a decision that cannot be read must stop recovery.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// The store failed.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// A record that does not decode.
+    #[error("corrupt record in {cf}: {detail}")]
+    Corrupt {
+        /// Column family.
+        cf: &'static str,
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+/// The decision log. Cheap to clone.
+#[derive(Clone)]
+pub struct DecisionLog {
+    store: Arc<dyn LogStore>,
+}
+
+impl DecisionLog {
+    /// Opens (creating) the log in `dir`.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self, LogError> {
+        Ok(DecisionLog { store: Arc::new(RocksStore::open(dir, COLUMN_FAMILIES)?) })
+    }
+
+    /// A log over any store with [`COLUMN_FAMILIES`] (tests use [`twopc_storage::MemStore`]).
+    pub fn with_store(store: Arc<dyn LogStore>) -> Self {
+        DecisionLog { store }
+    }
+
+    /// The underlying store, for its counters.
+    pub fn store(&self) -> &Arc<dyn LogStore> {
+        &self.store
+    }
+
+    /// Raises the persisted epoch by one, durably, and returns it.
+    pub async fn next_epoch(&self) -> Result<u64, LogError> {
+        let last = match self.store.get(CF_META, EPOCH_KEY)? {
+            None => 0,
+            Some(v) => u64::from_be_bytes(v.as_slice().try_into().map_err(|_| LogError::Corrupt {
+                cf: CF_META,
+                detail: format!("epoch has {} bytes, expected 8", v.len()),
+            })?),
+        };
+        let epoch = last + 1;
+        let mut b = Batch::new();
+        b.put(CF_META, EPOCH_KEY.to_vec(), epoch.to_be_bytes().to_vec());
+        wait(self.store.submit(b, Durability::Synced)).await?;
+        Ok(epoch)
+    }
+
+    /// Every decision record, in transaction order.
+    pub fn load(&self) -> Result<Vec<(TxnId, DecisionRecord)>, LogError> {
+        self.store
+            .scan_prefix(CF_DECISIONS, b"")?
+            .into_iter()
+            .map(|(k, v)| {
+                let txn = TxnId::from_key(&k).ok_or_else(|| LogError::Corrupt { cf: CF_DECISIONS, detail: format!("key of {} bytes", k.len()) })?;
+                let rec = DecisionRecord::decode(v.as_slice()).map_err(|e| LogError::Corrupt { cf: CF_DECISIONS, detail: format!("{txn}: {e}") })?;
+                Ok((txn, rec))
+            })
+            .collect()
+    }
+
+    /// One transaction's record, if the log holds it.
+    pub fn get(&self, txn: TxnId) -> Result<Option<DecisionRecord>, LogError> {
+        match self.store.get(CF_DECISIONS, &txn.to_key())? {
+            None => Ok(None),
+            Some(v) => DecisionRecord::decode(v.as_slice())
+                .map(Some)
+                .map_err(|e| LogError::Corrupt { cf: CF_DECISIONS, detail: format!("{txn}: {e}") }),
+        }
+    }
+
+    /// Submits a decision record.
+    pub fn persist(&self, txn: TxnId, record: &DecisionRecord, synced: bool) -> WriteTicket {
+        let mut b = Batch::new();
+        b.put(CF_DECISIONS, txn.to_key().to_vec(), record.encode_to_vec());
+        self.store.submit(b, if synced { Durability::Synced } else { Durability::Lazy })
+    }
+
+    /// The participant registry.
+    pub fn registry(&self) -> Result<Vec<(ParticipantName, String)>, LogError> {
+        self.store
+            .scan_prefix(CF_PARTICIPANTS, b"")?
+            .into_iter()
+            .map(|(k, v)| {
+                let name = String::from_utf8(k).ok().and_then(|n| ParticipantName::new(n).ok());
+                let endpoint = String::from_utf8(v).ok();
+                match (name, endpoint) {
+                    (Some(n), Some(e)) => Ok((n, e)),
+                    _ => Err(LogError::Corrupt { cf: CF_PARTICIPANTS, detail: "entry is not a valid name and endpoint".into() }),
+                }
+            })
+            .collect()
+    }
+
+    /// Records a participant's endpoint, durably.
+    pub async fn register(&self, name: &ParticipantName, endpoint: &str) -> Result<(), LogError> {
+        let mut b = Batch::new();
+        b.put(CF_PARTICIPANTS, name.as_str().as_bytes().to_vec(), endpoint.as_bytes().to_vec());
+        Ok(wait(self.store.submit(b, Durability::Synced)).await?)
+    }
+}

@@ -1,0 +1,285 @@
+//! The `twopc.v1.Coordinator` gRPC service: thin handlers that validate and
+//! decode each request into a domain input, hand it to the driver, and map
+//! the core's reply to a response or a precise status.
+//!
+//! Nothing reaches the core unvalidated: malformed ids, names, endpoints,
+//! oversize payloads and branch lists are refused here with
+//! `INVALID_ARGUMENT` and a stable reason, and change no state.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, RwLock};
+
+use tonic::{Code, Request, Response, Status};
+use twopc_proto::status::{aborted, error};
+use twopc_proto::{Outcome, ParticipantName, TxnId, pb, reason, validate_endpoint};
+
+use crate::core::{CoreError, ExecBranch, Input, Reply, TxnState};
+use crate::driver::Handle;
+use crate::log::DecisionLog;
+
+/// Limits on what a request may carry.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Most branches in one Execute.
+    pub max_branches: usize,
+    /// Largest payload of one branch, in bytes.
+    pub max_payload_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_branches: 64, max_payload_bytes: 64 * 1024 }
+    }
+}
+
+/// Participant name → endpoint, as registered. Shared with the log so that
+/// it survives restarts.
+#[derive(Clone, Default)]
+pub struct Registry {
+    map: Arc<RwLock<HashMap<ParticipantName, String>>>,
+}
+
+impl Registry {
+    /// A registry holding `entries`.
+    pub fn new(entries: impl IntoIterator<Item = (ParticipantName, String)>) -> Self {
+        Registry { map: Arc::new(RwLock::new(entries.into_iter().collect())) }
+    }
+
+    fn get(&self, name: &ParticipantName) -> Option<String> {
+        self.map.read().ok()?.get(name).cloned()
+    }
+
+    /// True when `name` is not registered at `endpoint` yet.
+    fn differs(&self, name: &ParticipantName, endpoint: &str) -> bool {
+        self.get(name).as_deref() != Some(endpoint)
+    }
+
+    fn set(&self, name: &ParticipantName, endpoint: &str) {
+        if let Ok(mut m) = self.map.write() {
+            m.insert(name.clone(), endpoint.to_owned());
+        }
+    }
+}
+
+/// The Coordinator service.
+#[derive(Clone)]
+pub struct CoordinatorService {
+    handle: Handle,
+    registry: Registry,
+    log: DecisionLog,
+    limits: Limits,
+}
+
+impl CoordinatorService {
+    /// A service over a running driver.
+    pub fn new(handle: Handle, registry: Registry, log: DecisionLog, limits: Limits) -> Self {
+        CoordinatorService { handle, registry, log, limits }
+    }
+
+    async fn call(&self, make: impl FnOnce(u64) -> Input) -> Result<Reply, Status> {
+        self.handle
+            .call(make)
+            .await
+            .map_err(|_| error(Code::Unavailable, reason::COORDINATOR_UNAVAILABLE, "the coordinator is shutting down"))
+    }
+}
+
+/// Parses a transaction id from a request field.
+pub fn parse_txn(s: &str) -> Result<TxnId, Status> {
+    s.parse::<TxnId>().map_err(|e| error(Code::InvalidArgument, reason::TXN_ID_MALFORMED, e.to_string()))
+}
+
+fn parse_name(s: &str) -> Result<ParticipantName, Status> {
+    ParticipantName::new(s).map_err(|e| error(Code::InvalidArgument, reason::PARTICIPANT_NAME_INVALID, e.to_string()))
+}
+
+fn parse_endpoint(s: &str) -> Result<String, Status> {
+    validate_endpoint(s).map_err(|e| error(Code::InvalidArgument, reason::ENDPOINT_INVALID, e))?;
+    Ok(s.to_owned())
+}
+
+/// Maps a core refusal to its status.
+pub fn core_error(e: &CoreError) -> Status {
+    let (code, r) = match e {
+        CoreError::NotFound(_) => (Code::NotFound, reason::TXN_NOT_FOUND),
+        CoreError::EnlistmentClosed { .. } => (Code::FailedPrecondition, reason::ENLISTMENT_CLOSED),
+        CoreError::AlreadyCommitted(_) => (Code::FailedPrecondition, reason::TXN_ALREADY_DECIDED),
+        CoreError::TimeoutTooLong { .. } => (Code::InvalidArgument, reason::TIMEOUT_TOO_LONG),
+        CoreError::LogFailed(_) => (Code::Unavailable, reason::COORDINATOR_UNAVAILABLE),
+    };
+    error(code, r, e.to_string())
+}
+
+fn unexpected(reply: &Reply) -> Status {
+    Status::internal(format!("unexpected reply from the protocol core: {reply:?}"))
+}
+
+fn outcome(reply: Reply) -> Result<(TxnId, ()), Status> {
+    match reply {
+        Reply::Outcome { txn, outcome: Outcome::Committed } => Ok((txn, ())),
+        Reply::Outcome { txn, outcome: Outcome::Aborted(r) } => Err(aborted(txn, &r)),
+        Reply::Error(e) => Err(core_error(&e)),
+        other => Err(unexpected(&other)),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::coordinator_server::Coordinator for CoordinatorService {
+    async fn begin(&self, request: Request<pb::BeginRequest>) -> Result<Response<pb::BeginResponse>, Status> {
+        let timeout_ms = request.get_ref().timeout_ms;
+        match self.call(|req| Input::Begin { req, timeout_ms }).await? {
+            Reply::Begun { txn, deadline } => {
+                tracing::debug!(%txn, "begin");
+                Ok(Response::new(pb::BeginResponse { txn_id: txn.to_string(), deadline_unix_ms: deadline.0 }))
+            }
+            Reply::Error(e) => Err(core_error(&e)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn enlist(&self, request: Request<pb::EnlistRequest>) -> Result<Response<pb::EnlistResponse>, Status> {
+        let r = request.get_ref();
+        let txn = parse_txn(&r.txn_id)?;
+        let participant = parse_name(&r.participant)?;
+        let endpoint = parse_endpoint(&r.endpoint)?;
+        if self.registry.differs(&participant, &endpoint) {
+            match self.log.register(&participant, &endpoint).await {
+                Ok(()) => self.registry.set(&participant, &endpoint),
+                Err(e) => tracing::warn!(%participant, error = %e, "could not persist the participant registry entry"),
+            }
+        }
+        match self.call(|req| Input::Enlist { req, txn, participant, endpoint }).await? {
+            Reply::Enlisted { deadline } => Ok(Response::new(pb::EnlistResponse { deadline_unix_ms: deadline.0 })),
+            Reply::Error(e) => Err(core_error(&e)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn commit(&self, request: Request<pb::CommitRequest>) -> Result<Response<pb::CommitResponse>, Status> {
+        let txn = parse_txn(&request.get_ref().txn_id)?;
+        let (txn, ()) = outcome(self.call(|req| Input::Commit { req, txn }).await?)?;
+        Ok(Response::new(pb::CommitResponse { txn_id: txn.to_string(), outcome: pb::Outcome::Committed as i32 }))
+    }
+
+    async fn abort(&self, request: Request<pb::AbortRequest>) -> Result<Response<pb::AbortResponse>, Status> {
+        let r = request.get_ref();
+        let txn = parse_txn(&r.txn_id)?;
+        let detail: String = r.reason.chars().take(512).collect();
+        match self.call(|req| Input::Abort { req, txn, detail }).await? {
+            Reply::Aborted { txn } => Ok(Response::new(pb::AbortResponse { txn_id: txn.to_string() })),
+            Reply::Error(e) => Err(core_error(&e)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn execute(&self, request: Request<pb::ExecuteRequest>) -> Result<Response<pb::ExecuteResponse>, Status> {
+        let r = request.into_inner();
+        if r.branches.is_empty() {
+            return Err(error(Code::InvalidArgument, reason::BRANCHES_EMPTY, "execute needs at least one branch"));
+        }
+        if r.branches.len() > self.limits.max_branches {
+            return Err(error(
+                Code::InvalidArgument,
+                reason::TOO_MANY_BRANCHES,
+                format!("{} branches; at most {} are allowed", r.branches.len(), self.limits.max_branches),
+            ));
+        }
+        let mut seen = BTreeSet::new();
+        let mut branches = Vec::with_capacity(r.branches.len());
+        for b in r.branches {
+            let participant = parse_name(&b.participant)?;
+            if b.payload.len() > self.limits.max_payload_bytes {
+                return Err(error(
+                    Code::InvalidArgument,
+                    reason::PAYLOAD_TOO_LARGE,
+                    format!("payload for {participant} has {} bytes; at most {} are allowed", b.payload.len(), self.limits.max_payload_bytes),
+                ));
+            }
+            if !seen.insert(participant.clone()) {
+                return Err(error(Code::InvalidArgument, reason::DUPLICATE_PARTICIPANT, format!("participant {participant} is named twice")));
+            }
+            let endpoint = self.registry.get(&participant).ok_or_else(|| {
+                error(
+                    Code::NotFound,
+                    reason::PARTICIPANT_UNKNOWN,
+                    format!("no participant named {participant} has registered with this coordinator"),
+                )
+            })?;
+            branches.push(ExecBranch { participant, endpoint, payload: b.payload });
+        }
+        let timeout_ms = r.timeout_ms;
+        let (txn, ()) = outcome(self.call(|req| Input::Execute { req, branches, timeout_ms }).await?)?;
+        Ok(Response::new(pb::ExecuteResponse { txn_id: txn.to_string(), outcome: pb::Outcome::Committed as i32 }))
+    }
+
+    async fn status(&self, request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        let txn = parse_txn(&request.get_ref().txn_id)?;
+        match self.call(|req| Input::Status { req, txn }).await? {
+            Reply::Status(s) => {
+                let state = match s.state {
+                    TxnState::Active => pb::TxnState::Active,
+                    TxnState::Preparing => pb::TxnState::Preparing,
+                    TxnState::Deciding => pb::TxnState::Deciding,
+                    TxnState::Committed => pb::TxnState::Committed,
+                    TxnState::Aborted => pb::TxnState::Aborted,
+                };
+                Ok(Response::new(pb::StatusResponse {
+                    txn_id: txn.to_string(),
+                    state: state as i32,
+                    abort_reason: s.abort_reason.as_ref().map(pb::AbortReason::from),
+                    participants: s
+                        .participants
+                        .iter()
+                        .map(|p| pb::ParticipantStatus {
+                            name: p.name.as_str().to_owned(),
+                            endpoint: p.endpoint.clone(),
+                            vote: match &p.vote {
+                                None => pb::Vote::Unspecified,
+                                Some(twopc_proto::Vote::Yes) => pb::Vote::Yes,
+                                Some(twopc_proto::Vote::No(_)) => pb::Vote::No,
+                                Some(twopc_proto::Vote::ReadOnly) => pb::Vote::ReadOnly,
+                            } as i32,
+                            acknowledged: p.acknowledged,
+                            retries: p.retries,
+                        })
+                        .collect(),
+                    deadline_unix_ms: s.deadline.map(|d| d.0).unwrap_or_default(),
+                    finished: s.finished,
+                    presumed: s.presumed,
+                }))
+            }
+            Reply::Error(e) => Err(core_error(&e)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn query_decision(&self, request: Request<pb::QueryDecisionRequest>) -> Result<Response<pb::QueryDecisionResponse>, Status> {
+        let r = request.get_ref();
+        let txn = parse_txn(&r.txn_id)?;
+        if !r.participant.is_empty() {
+            parse_name(&r.participant)?;
+        }
+        match self.call(|req| Input::QueryDecision { req, txn }).await? {
+            Reply::Decision(d) => Ok(Response::new(pb::QueryDecisionResponse { decision: pb::Decision::from(d) as i32 })),
+            Reply::Error(e) => Err(core_error(&e)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn register_participant(
+        &self,
+        request: Request<pb::RegisterParticipantRequest>,
+    ) -> Result<Response<pb::RegisterParticipantResponse>, Status> {
+        let r = request.get_ref();
+        let name = parse_name(&r.participant)?;
+        let endpoint = parse_endpoint(&r.endpoint)?;
+        if self.registry.differs(&name, &endpoint) {
+            self.log.register(&name, &endpoint).await.map_err(|e| {
+                error(Code::Unavailable, reason::COORDINATOR_UNAVAILABLE, format!("could not persist the registration: {e}"))
+            })?;
+            self.registry.set(&name, &endpoint);
+            tracing::info!(participant = %name, %endpoint, "participant registered");
+        }
+        Ok(Response::new(pb::RegisterParticipantResponse {}))
+    }
+}

@@ -1,0 +1,97 @@
+//! One example service of the demo (wallet, orders or inventory): a tonic
+//! server with the role's business service, the read-only ledger, and the
+//! participant library's Participant service, all behind the participant's
+//! transaction layer. Prints "listening on ADDR" once registered with the
+//! coordinator and serving; stops on SIGTERM or SIGINT.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio_stream::wrappers::TcpListenerStream;
+use twopc_examples::pb;
+use twopc_examples::shop::{InventoryService, LedgerService, OrdersService, Role, WalletService};
+use twopc_participant::{KvStore, Participant};
+
+/// An example service of the twopc demo.
+#[derive(Debug, Parser)]
+#[command(name = "shop-service")]
+struct Args {
+    /// Which service to run.
+    #[arg(long, value_enum)]
+    role: Role,
+    /// Address to listen on; port 0 picks one.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// This service's own RocksDB directory.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// The coordinator's endpoint.
+    #[arg(long, env = "TWOPC_COORDINATOR", default_value = "http://127.0.0.1:50051")]
+    coordinator: String,
+    /// Longest a transaction waits for a key another one holds.
+    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+    lock_wait: Duration,
+}
+
+#[tokio::main]
+async fn main() {
+    if let Err(e) = run(Args::parse()).await {
+        eprintln!("shop-service: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("TWOPC_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .json()
+        .init();
+    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let kv = KvStore::new(args.lock_wait);
+    let participant = Participant::builder(args.role.name())
+        .data_dir(&args.data_dir)
+        .coordinator(&args.coordinator)
+        .endpoint(format!("http://{addr}"))
+        .resource(kv.clone())
+        .open()
+        .await?;
+    // Execute can only name registered participants: wait (bounded) for it.
+    let until = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !participant.registered() {
+        if tokio::time::Instant::now() > until {
+            anyhow::bail!("could not register with the coordinator at {}", args.coordinator);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut router = tonic::transport::Server::builder()
+        .layer(participant.layer())
+        .add_service(participant.service())
+        .add_service(pb::ledger_server::LedgerServer::new(LedgerService { kv: kv.clone() }));
+    router = match args.role {
+        Role::Wallet => router.add_service(pb::wallet_server::WalletServer::new(WalletService { kv })),
+        Role::Orders => router.add_service(pb::orders_server::OrdersServer::new(OrdersService { kv })),
+        Role::Inventory => router.add_service(pb::inventory_server::InventoryServer::new(InventoryService { kv })),
+    };
+    println!("listening on {addr}");
+    std::io::stdout().flush()?;
+    router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown()).await?;
+    participant.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(t) => t,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,140 @@
+//! Carrying the transaction from an initiator to the services it calls.
+//!
+//! Client side: [`TxnInterceptor`] puts the transaction id in the
+//! `twopc-txn` gRPC metadata of every request made through a client built
+//! with it (`Transaction::interceptor`).
+//!
+//! Server side: [`TxnLayer`] reads that metadata on every incoming request.
+//! A request that carries a transaction is held until this participant has
+//! joined it — enlisted with the coordinator and been acknowledged — and only
+//! then reaches the handler, with a [`TxnScope`] in its extensions. So a
+//! service can never answer its caller for work the coordinator does not
+//! know about. A request whose transaction cannot be joined is answered
+//! FAILED_PRECONDITION (JOIN_REFUSED) without running the handler; a
+//! malformed id is INVALID_ARGUMENT (TXN_ID_MALFORMED). Requests without the
+//! metadata pass through untouched.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tonic::Code;
+use tonic::metadata::MetadataValue;
+use tonic::service::Interceptor;
+use twopc_proto::status::error;
+use twopc_proto::{TXN_METADATA_KEY, TxnId, UnixMillis, reason};
+
+use crate::core::{Input, Reply};
+use crate::driver::Handle;
+use crate::service::core_error;
+
+/// The transaction a request runs under, as a handler sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxnScope {
+    /// The transaction.
+    pub txn: TxnId,
+    /// Its deadline: the work is aborted if not committed by then.
+    pub deadline: UnixMillis,
+}
+
+impl TxnScope {
+    /// The scope of a request that arrived through [`TxnLayer`], if it
+    /// carried a transaction.
+    pub fn of<T>(request: &tonic::Request<T>) -> Option<TxnScope> {
+        request.extensions().get::<TxnScope>().copied()
+    }
+}
+
+/// Client-side interceptor that tags requests with a transaction id.
+#[derive(Debug, Clone)]
+pub struct TxnInterceptor {
+    value: MetadataValue<tonic::metadata::Ascii>,
+}
+
+impl TxnInterceptor {
+    /// An interceptor for `txn`.
+    pub fn new(txn: TxnId) -> Self {
+        // A TxnId renders as ASCII digits, dashes and "tx".
+        let value = MetadataValue::try_from(txn.to_string()).unwrap_or_else(|_| MetadataValue::from_static("invalid"));
+        TxnInterceptor { value }
+    }
+}
+
+impl Interceptor for TxnInterceptor {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        request.metadata_mut().insert(TXN_METADATA_KEY, self.value.clone());
+        Ok(request)
+    }
+}
+
+/// Server-side layer that joins transactions named in request metadata.
+#[derive(Clone)]
+pub struct TxnLayer {
+    handle: Handle,
+}
+
+impl TxnLayer {
+    pub(crate) fn new(handle: Handle) -> Self {
+        TxnLayer { handle }
+    }
+}
+
+impl<S> tower::Layer<S> for TxnLayer {
+    type Service = TxnService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        TxnService { inner, handle: self.handle.clone() }
+    }
+}
+
+/// The service [`TxnLayer`] wraps around each inner service.
+#[derive(Clone)]
+pub struct TxnService<S> {
+    inner: S,
+    handle: Handle,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, B> tower::Service<http::Request<B>> for TxnService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        let Some(raw) = req.headers().get(TXN_METADATA_KEY).cloned() else {
+            return Box::pin(self.inner.call(req));
+        };
+        // The clone is ready-checked as tower requires: swap it in.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let handle = self.handle.clone();
+        Box::pin(async move {
+            let txn = match raw.to_str().ok().map(str::parse::<TxnId>) {
+                Some(Ok(t)) => t,
+                _ => {
+                    let text = String::from_utf8_lossy(raw.as_bytes()).chars().take(64).collect::<String>();
+                    let s = error(Code::InvalidArgument, reason::TXN_ID_MALFORMED, format!("malformed {TXN_METADATA_KEY} metadata {text:?}"));
+                    return Ok(s.into_http());
+                }
+            };
+            match handle.call(|r| Input::Join { req: r, txn }).await {
+                Ok(Reply::Joined { deadline }) => {
+                    req.extensions_mut().insert(TxnScope { txn, deadline });
+                    inner.call(req).await
+                }
+                Ok(Reply::Error(e)) => Ok(core_error(&e).into_http()),
+                Ok(other) => Ok(tonic::Status::internal(format!("unexpected reply {other:?}")).into_http()),
+                Err(_) => Ok(error(Code::Unavailable, reason::PARTICIPANT_UNAVAILABLE, "the participant is shutting down").into_http()),
+            }
+        })
+    }
+}

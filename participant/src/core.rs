@@ -1,0 +1,751 @@
+//! The participant's protocol core: one branch of each transaction, as a
+//! deterministic state machine.
+//!
+//! [`Core::step`] takes the time and one [`Input`] and returns [`Effect`]s as
+//! data; the driver performs them (enlist with the coordinator, ask the
+//! resource to prepare, write the prepared log, apply the outcome, ask the
+//! coordinator for a decision) and feeds the results back.
+//!
+//! Invariants kept here:
+//! - Persist before vote: YES is only ever sent as [`SentVote::Yes`], which
+//!   needs a [`PreparedDurable`] witness that this module makes only when the
+//!   log reports the PREPARED record durable, or at recovery from that
+//!   record.
+//! - A prepared branch never decides alone: it commits or aborts only when
+//!   the coordinator says so (Commit, Abort, or a QueryDecision answer). An
+//!   unprepared branch aborts by itself once its deadline passes.
+//! - No hanging: an Abort for a branch never seen leaves a tombstone, so a
+//!   late Prepare for it is refused and takes no locks.
+//! - Idempotency: duplicate and late Prepare/Commit/Abort get the answer of
+//!   the first; Commit is acknowledged only after the apply is durable.
+//! - Stale messages: a first Prepare for a transaction of a coordinator epoch
+//!   older than one already seen is refused (that coordinator run is gone and
+//!   has presumed it aborted).
+
+use std::collections::BTreeMap;
+
+use twopc_proto::logpb::{BranchRecord, BranchState};
+use twopc_proto::{Decision, TxnId, UnixMillis, Vote};
+
+/// Identifies a caller waiting for a [`Reply`]; chosen by the driver.
+pub type ReqId = u64;
+
+/// Tunables. Times in milliseconds.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// How long after its deadline a prepared branch first asks the
+    /// coordinator for the outcome (phase two normally arrives sooner).
+    pub query_after_deadline_ms: u64,
+    /// First QueryDecision retry delay; doubles up to `query_max_ms`.
+    pub query_base_ms: u64,
+    /// Longest delay between QueryDecision attempts.
+    pub query_max_ms: u64,
+    /// How long finished branches (and abort tombstones) are remembered.
+    /// Must exceed the longest transaction timeout, so a Prepare that arrives
+    /// late still finds the tombstone.
+    pub retention_ms: u64,
+    /// Seed of the retry jitter.
+    pub seed: u64,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        CoreConfig { query_after_deadline_ms: 1_000, query_base_ms: 100, query_max_ms: 10_000, retention_ms: 600_000, seed: 0x5DEE_CE66_D1CE_4E5B }
+    }
+}
+
+/// Proof that this branch's PREPARED record is durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PreparedDurable {
+    _private: (),
+}
+
+/// A vote as it may be sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SentVote {
+    /// Only with proof of a durable PREPARED record.
+    Yes(PreparedDurable),
+    /// Refusal, with the reason.
+    No(String),
+    /// Nothing to commit here.
+    ReadOnly,
+}
+
+impl SentVote {
+    /// The plain vote for the wire.
+    pub fn vote(&self) -> Vote {
+        match self {
+            SentVote::Yes(_) => Vote::Yes,
+            SentVote::No(r) => Vote::No(r.clone()),
+            SentVote::ReadOnly => Vote::ReadOnly,
+        }
+    }
+}
+
+/// Something that happens to the core.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// A business request under `txn` arrived; join before handling it.
+    Join {
+        /// Caller.
+        req: ReqId,
+        /// The transaction.
+        txn: TxnId,
+    },
+    /// The coordinator answered our Enlist: the deadline, or why not.
+    Enlisted {
+        /// The transaction.
+        txn: TxnId,
+        /// Deadline, or the refusal.
+        result: Result<UnixMillis, String>,
+    },
+    /// Phase one from the coordinator.
+    Prepare {
+        /// Caller.
+        req: ReqId,
+        /// The transaction.
+        txn: TxnId,
+        /// The sender's epoch.
+        epoch: u64,
+        /// Execute payload.
+        payload: Option<Vec<u8>>,
+        /// The transaction's deadline.
+        deadline: UnixMillis,
+    },
+    /// The resource finished preparing: its vote, or its error.
+    ResourceVoted {
+        /// The transaction.
+        txn: TxnId,
+        /// Vote or failure.
+        vote: Result<Vote, String>,
+    },
+    /// The PREPARED record is durable.
+    Durable {
+        /// The transaction.
+        txn: TxnId,
+    },
+    /// Writing the PREPARED record failed.
+    PersistFailed {
+        /// The transaction.
+        txn: TxnId,
+        /// Why.
+        error: String,
+    },
+    /// Phase two: commit.
+    Commit {
+        /// Caller.
+        req: ReqId,
+        /// The transaction.
+        txn: TxnId,
+        /// The sender's epoch.
+        epoch: u64,
+    },
+    /// Phase two: abort.
+    Abort {
+        /// Caller.
+        req: ReqId,
+        /// The transaction.
+        txn: TxnId,
+        /// The sender's epoch.
+        epoch: u64,
+    },
+    /// The outcome was applied and recorded (durably for commits).
+    Applied {
+        /// The transaction.
+        txn: TxnId,
+    },
+    /// Applying the outcome failed; it will be retried.
+    ApplyFailed {
+        /// The transaction.
+        txn: TxnId,
+        /// Why.
+        error: String,
+    },
+    /// The coordinator answered QueryDecision (or could not be asked).
+    Decided {
+        /// The transaction.
+        txn: TxnId,
+        /// The answer.
+        decision: Result<Decision, String>,
+    },
+    /// A timer fired.
+    Timer(Timer),
+}
+
+/// Timers; each is checked against the state when it fires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timer {
+    /// The transaction's deadline (+ grace for prepared branches).
+    Deadline(TxnId),
+    /// Ask the coordinator again.
+    Query(TxnId),
+    /// Forget a finished branch.
+    Forget(TxnId),
+}
+
+/// What the core asks the driver to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Answer a caller.
+    Reply {
+        /// Caller.
+        req: ReqId,
+        /// Answer.
+        reply: Reply,
+    },
+    /// Call the coordinator's Enlist; report [`Input::Enlisted`].
+    Enlist {
+        /// The transaction.
+        txn: TxnId,
+    },
+    /// Ask the resource to prepare (run the payload, check, stage the
+    /// durable part); report [`Input::ResourceVoted`].
+    ResourcePrepare {
+        /// The transaction.
+        txn: TxnId,
+        /// Execute payload.
+        payload: Option<Vec<u8>>,
+    },
+    /// Write the PREPARED record together with what the resource staged,
+    /// synced; report [`Input::Durable`] or [`Input::PersistFailed`].
+    PersistPrepared {
+        /// The transaction.
+        txn: TxnId,
+        /// The record.
+        record: BranchRecord,
+    },
+    /// Apply the outcome at the resource and write `record` in the same
+    /// atomic batch (synced when `synced`), then release the resource;
+    /// report [`Input::Applied`] or [`Input::ApplyFailed`]. With no record
+    /// (read-only), only release.
+    Apply {
+        /// The transaction.
+        txn: TxnId,
+        /// Commit or abort.
+        commit: bool,
+        /// The outcome record, if one is kept.
+        record: Option<BranchRecord>,
+        /// fsync before reporting.
+        synced: bool,
+    },
+    /// Ask the coordinator for the outcome; report [`Input::Decided`].
+    QueryDecision {
+        /// The transaction.
+        txn: TxnId,
+    },
+    /// Feed the timer back at `at`.
+    SetTimer {
+        /// When.
+        at: UnixMillis,
+        /// Which.
+        timer: Timer,
+    },
+}
+
+/// Answers to callers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// Join succeeded; the business handler may run.
+    Joined {
+        /// The transaction's deadline.
+        deadline: UnixMillis,
+    },
+    /// The answer to Prepare.
+    Voted(SentVote),
+    /// Commit or Abort acknowledged.
+    Acked,
+    /// Refused.
+    Error(CoreError),
+}
+
+/// Refusals. Each maps to one gRPC code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CoreError {
+    /// Join refused (coordinator refused enlistment, or the branch is past
+    /// accepting work).
+    #[error("cannot join transaction {txn}: {why}")]
+    JoinRefused {
+        /// The transaction.
+        txn: TxnId,
+        /// Why.
+        why: String,
+    },
+    /// Commit for a branch that is not prepared here.
+    #[error("transaction {txn} is not prepared here ({state})")]
+    NotPrepared {
+        /// The transaction.
+        txn: TxnId,
+        /// Its state here.
+        state: &'static str,
+    },
+    /// Abort for a branch committed here.
+    #[error("transaction {0} is already committed here")]
+    AlreadyCommitted(TxnId),
+    /// The participant's log failed; the caller should retry.
+    #[error("the participant's log failed: {0}")]
+    Unavailable(String),
+}
+
+/// Where a branch is. Public for Status-like inspection and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Enlisting with the coordinator.
+    Joining,
+    /// Doing work; not prepared.
+    Active,
+    /// The resource is preparing.
+    Preparing,
+    /// The PREPARED record is being written.
+    Persisting,
+    /// Durably prepared; waiting for the outcome.
+    Prepared,
+    /// Applying commit.
+    Committing,
+    /// Committed.
+    Committed,
+    /// Applying abort.
+    Aborting,
+    /// Aborted (or tombstone).
+    Aborted,
+}
+
+#[derive(Debug, Clone)]
+struct Branch {
+    phase: Phase,
+    deadline: UnixMillis,
+    epoch: u64,
+    /// Join callers, Prepare callers, or Commit/Abort callers, by phase.
+    waiters: Vec<ReqId>,
+    /// An Abort arrived while preparing; abort once the prepare settles.
+    abort_pending: bool,
+    /// The branch has a durable PREPARED record (so abort must be recorded).
+    prepared: bool,
+    queries: u32,
+}
+
+impl Branch {
+    fn new(phase: Phase, deadline: UnixMillis, epoch: u64) -> Self {
+        Branch { phase, deadline, epoch, waiters: Vec::new(), abort_pending: false, prepared: false, queries: 0 }
+    }
+}
+
+/// The participant's state machine.
+#[derive(Debug)]
+pub struct Core {
+    config: CoreConfig,
+    branches: BTreeMap<TxnId, Branch>,
+    max_epoch: u64,
+    rng: u64,
+}
+
+fn reply(req: ReqId, reply: Reply) -> Effect {
+    Effect::Reply { req, reply }
+}
+
+fn record(state: BranchState, b: &Branch, now: UnixMillis) -> BranchRecord {
+    BranchRecord { state: state as i32, deadline_unix_ms: b.deadline.0, coordinator_epoch: b.epoch, updated_unix_ms: now.0 }
+}
+
+impl Core {
+    /// A core with no branches.
+    pub fn new(config: CoreConfig) -> Self {
+        let rng = config.seed | 1;
+        Core { config, branches: BTreeMap::new(), max_epoch: 0, rng }
+    }
+
+    /// The phase of a branch, if held.
+    pub fn phase(&self, txn: TxnId) -> Option<Phase> {
+        self.branches.get(&txn).map(|b| b.phase)
+    }
+
+    /// Branches that are prepared and waiting for the outcome.
+    pub fn in_doubt(&self) -> Vec<TxnId> {
+        self.branches.iter().filter(|(_, b)| b.prepared && matches!(b.phase, Phase::Prepared | Phase::Committing)).map(|(t, _)| *t).collect()
+    }
+
+    /// Loads the prepared log at start. Prepared branches ask the
+    /// coordinator for their outcome right away; finished ones are
+    /// remembered until their retention ends.
+    pub fn recover(&mut self, now: UnixMillis, records: Vec<(TxnId, BranchRecord)>) -> Vec<Effect> {
+        let mut out = Vec::new();
+        for (txn, r) in records {
+            self.max_epoch = self.max_epoch.max(r.coordinator_epoch);
+            let mut b = Branch::new(Phase::Aborted, UnixMillis(r.deadline_unix_ms), r.coordinator_epoch);
+            match BranchState::try_from(r.state) {
+                Ok(BranchState::Prepared) => {
+                    b.phase = Phase::Prepared;
+                    b.prepared = true;
+                    out.push(Effect::QueryDecision { txn });
+                }
+                Ok(BranchState::Committed) => {
+                    b.phase = Phase::Committed;
+                    out.push(Effect::SetTimer { at: UnixMillis(r.updated_unix_ms).plus(self.config.retention_ms), timer: Timer::Forget(txn) });
+                }
+                _ => {
+                    out.push(Effect::SetTimer { at: UnixMillis(r.updated_unix_ms).plus(self.config.retention_ms).max(now), timer: Timer::Forget(txn) });
+                }
+            }
+            self.branches.insert(txn, b);
+        }
+        out
+    }
+
+    /// Advances the state machine by one input.
+    pub fn step(&mut self, now: UnixMillis, input: Input) -> Vec<Effect> {
+        let mut out = Vec::new();
+        match input {
+            Input::Join { req, txn } => self.join(&mut out, req, txn),
+            Input::Enlisted { txn, result } => self.enlisted(&mut out, now, txn, result),
+            Input::Prepare { req, txn, epoch, payload, deadline } => self.prepare(&mut out, now, req, txn, epoch, payload, deadline),
+            Input::ResourceVoted { txn, vote } => self.resource_voted(&mut out, now, txn, vote),
+            Input::Durable { txn } => self.durable(&mut out, now, txn),
+            Input::PersistFailed { txn, error } => {
+                if let Some(b) = self.branches.get_mut(&txn)
+                    && b.phase == Phase::Persisting
+                {
+                    // Never voted YES, so the coordinator will abort. The
+                    // record may be on disk: record the abort over it.
+                    for w in std::mem::take(&mut b.waiters) {
+                        out.push(reply(w, Reply::Error(CoreError::Unavailable(error.clone()))));
+                    }
+                    b.prepared = true;
+                    self.start_abort(&mut out, now, txn, None);
+                }
+            }
+            Input::Commit { req, txn, epoch } => self.commit(&mut out, now, req, txn, epoch),
+            Input::Abort { req, txn, epoch } => self.abort(&mut out, now, req, txn, epoch),
+            Input::Applied { txn } => self.applied(&mut out, now, txn),
+            Input::ApplyFailed { txn, error } => {
+                if let Some(b) = self.branches.get_mut(&txn) {
+                    let waiters = std::mem::take(&mut b.waiters);
+                    b.phase = match b.phase {
+                        Phase::Committing => Phase::Prepared,
+                        Phase::Aborting if b.prepared => Phase::Prepared,
+                        Phase::Aborting => Phase::Active,
+                        p => p,
+                    };
+                    for w in waiters {
+                        out.push(reply(w, Reply::Error(CoreError::Unavailable(error.clone()))));
+                    }
+                    if b.phase == Phase::Prepared {
+                        // Learn the outcome again rather than wait for the
+                        // coordinator's retry.
+                        out.push(Effect::SetTimer { at: now.plus(self.config.query_base_ms), timer: Timer::Query(txn) });
+                    }
+                }
+            }
+            Input::Decided { txn, decision } => self.decided(&mut out, now, txn, decision),
+            Input::Timer(t) => self.timer(&mut out, now, t),
+        }
+        out
+    }
+
+    fn join(&mut self, out: &mut Vec<Effect>, req: ReqId, txn: TxnId) {
+        match self.branches.get_mut(&txn) {
+            None => {
+                let mut b = Branch::new(Phase::Joining, UnixMillis(0), txn.epoch);
+                b.waiters.push(req);
+                self.branches.insert(txn, b);
+                out.push(Effect::Enlist { txn });
+            }
+            Some(b) => match b.phase {
+                Phase::Joining => b.waiters.push(req),
+                Phase::Active => out.push(reply(req, Reply::Joined { deadline: b.deadline })),
+                p => out.push(reply(
+                    req,
+                    Reply::Error(CoreError::JoinRefused { txn, why: format!("the transaction is {} here", phase_name(p)) }),
+                )),
+            },
+        }
+    }
+
+    fn enlisted(&mut self, out: &mut Vec<Effect>, now: UnixMillis, txn: TxnId, result: Result<UnixMillis, String>) {
+        let Some(b) = self.branches.get_mut(&txn) else { return };
+        if b.phase != Phase::Joining {
+            return;
+        }
+        let waiters = std::mem::take(&mut b.waiters);
+        match result {
+            Ok(deadline) => {
+                b.phase = Phase::Active;
+                b.deadline = deadline;
+                for w in waiters {
+                    out.push(reply(w, Reply::Joined { deadline }));
+                }
+                out.push(Effect::SetTimer { at: deadline.max(now), timer: Timer::Deadline(txn) });
+            }
+            Err(why) => {
+                // Nothing was done under the transaction yet: forget it.
+                self.branches.remove(&txn);
+                for w in waiters {
+                    out.push(reply(w, Reply::Error(CoreError::JoinRefused { txn, why: why.clone() })));
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn prepare(
+        &mut self,
+        out: &mut Vec<Effect>,
+        now: UnixMillis,
+        req: ReqId,
+        txn: TxnId,
+        epoch: u64,
+        payload: Option<Vec<u8>>,
+        deadline: UnixMillis,
+    ) {
+        let fresh = match self.branches.get(&txn).map(|b| b.phase) {
+            None | Some(Phase::Active) => true,
+            Some(_) => false,
+        };
+        if fresh {
+            let refuse = if txn.epoch < self.max_epoch.max(epoch) {
+                Some(format!("stale transaction: coordinator epoch {} is past the transaction's epoch {}", self.max_epoch.max(epoch), txn.epoch))
+            } else if deadline.0 != 0 && now >= deadline {
+                Some("the transaction's deadline has passed".to_owned())
+            } else if payload.is_none() && !self.branches.contains_key(&txn) {
+                Some("this participant holds no work for the transaction (it may have restarted since)".to_owned())
+            } else {
+                None
+            };
+            self.max_epoch = self.max_epoch.max(epoch);
+            if let Some(why) = refuse {
+                out.push(reply(req, Reply::Voted(SentVote::No(why))));
+                if self.branches.contains_key(&txn) {
+                    self.start_abort(out, now, txn, None);
+                }
+                return;
+            }
+            let b = self.branches.entry(txn).or_insert_with(|| Branch::new(Phase::Active, deadline, epoch));
+            b.phase = Phase::Preparing;
+            b.epoch = epoch;
+            if deadline.0 != 0 {
+                b.deadline = deadline;
+            }
+            b.waiters.push(req);
+            out.push(Effect::ResourcePrepare { txn, payload });
+            return;
+        }
+        let Some(b) = self.branches.get_mut(&txn) else { return };
+        match b.phase {
+            Phase::Preparing | Phase::Persisting => b.waiters.push(req),
+            Phase::Prepared | Phase::Committing | Phase::Committed => {
+                out.push(reply(req, Reply::Voted(SentVote::Yes(PreparedDurable { _private: () }))))
+            }
+            Phase::Aborting | Phase::Aborted => out.push(reply(req, Reply::Voted(SentVote::No("the transaction was aborted here".into())))),
+            Phase::Joining | Phase::Active => out.push(reply(req, Reply::Voted(SentVote::No("enlistment is still in progress".into())))),
+        }
+    }
+
+    fn resource_voted(&mut self, out: &mut Vec<Effect>, now: UnixMillis, txn: TxnId, vote: Result<Vote, String>) {
+        let Some(b) = self.branches.get_mut(&txn) else { return };
+        if b.phase != Phase::Preparing {
+            return;
+        }
+        let vote = match vote {
+            Ok(v) => v,
+            Err(e) => Vote::No(format!("the resource failed to prepare: {e}")),
+        };
+        match vote {
+            Vote::Yes if !b.abort_pending => {
+                b.phase = Phase::Persisting;
+                out.push(Effect::PersistPrepared { txn, record: record(BranchState::Prepared, b, now) });
+            }
+            Vote::Yes => {
+                for w in std::mem::take(&mut b.waiters) {
+                    out.push(reply(w, Reply::Voted(SentVote::No("the transaction was aborted while preparing".into()))));
+                }
+                self.start_abort(out, now, txn, None);
+            }
+            Vote::No(why) => {
+                for w in std::mem::take(&mut b.waiters) {
+                    out.push(reply(w, Reply::Voted(SentVote::No(why.clone()))));
+                }
+                self.start_abort(out, now, txn, None);
+            }
+            Vote::ReadOnly => {
+                for w in std::mem::take(&mut b.waiters) {
+                    out.push(reply(w, Reply::Voted(SentVote::ReadOnly)));
+                }
+                // Nothing to keep: release the resource and forget.
+                b.phase = Phase::Committing;
+                out.push(Effect::Apply { txn, commit: true, record: None, synced: false });
+            }
+        }
+    }
+
+    fn durable(&mut self, out: &mut Vec<Effect>, now: UnixMillis, txn: TxnId) {
+        let Some(b) = self.branches.get_mut(&txn) else { return };
+        if b.phase != Phase::Persisting {
+            return;
+        }
+        b.prepared = true;
+        if b.abort_pending {
+            for w in std::mem::take(&mut b.waiters) {
+                out.push(reply(w, Reply::Voted(SentVote::No("the transaction was aborted while preparing".into()))));
+            }
+            self.start_abort(out, now, txn, None);
+            return;
+        }
+        b.phase = Phase::Prepared;
+        for w in std::mem::take(&mut b.waiters) {
+            out.push(reply(w, Reply::Voted(SentVote::Yes(PreparedDurable { _private: () }))));
+        }
+        // If phase two does not arrive, ask.
+        let at = b.deadline.max(now).plus(self.config.query_after_deadline_ms);
+        out.push(Effect::SetTimer { at, timer: Timer::Query(txn) });
+    }
+
+    fn commit(&mut self, out: &mut Vec<Effect>, now: UnixMillis, req: ReqId, txn: TxnId, epoch: u64) {
+        self.max_epoch = self.max_epoch.max(epoch);
+        let Some(b) = self.branches.get_mut(&txn) else {
+            // Committed and forgotten: a duplicate after retention.
+            out.push(reply(req, Reply::Acked));
+            return;
+        };
+        match b.phase {
+            Phase::Prepared => {
+                b.phase = Phase::Committing;
+                b.waiters.push(req);
+                out.push(Effect::Apply { txn, commit: true, record: Some(record(BranchState::Committed, b, now)), synced: true });
+            }
+            Phase::Committing => b.waiters.push(req),
+            Phase::Committed => out.push(reply(req, Reply::Acked)),
+            p => out.push(reply(req, Reply::Error(CoreError::NotPrepared { txn, state: phase_name(p) }))),
+        }
+    }
+
+    fn abort(&mut self, out: &mut Vec<Effect>, now: UnixMillis, req: ReqId, txn: TxnId, epoch: u64) {
+        self.max_epoch = self.max_epoch.max(epoch);
+        let Some(b) = self.branches.get_mut(&txn) else {
+            // Never seen: acknowledge and leave a tombstone so that a late
+            // Prepare is refused (no empty rollback, no hanging).
+            let b = Branch::new(Phase::Active, UnixMillis(0), epoch);
+            self.branches.insert(txn, b);
+            self.start_abort(out, now, txn, None);
+            out.push(reply(req, Reply::Acked));
+            return;
+        };
+        match b.phase {
+            Phase::Joining => {
+                for w in std::mem::take(&mut b.waiters) {
+                    out.push(reply(w, Reply::Error(CoreError::JoinRefused { txn, why: "the transaction was aborted".into() })));
+                }
+                self.start_abort(out, now, txn, Some(req));
+            }
+            Phase::Active | Phase::Prepared => self.start_abort(out, now, txn, Some(req)),
+            Phase::Preparing | Phase::Persisting => {
+                b.abort_pending = true;
+                out.push(reply(req, Reply::Acked));
+            }
+            Phase::Aborting => b.waiters.push(req),
+            Phase::Aborted => out.push(reply(req, Reply::Acked)),
+            Phase::Committing | Phase::Committed => out.push(reply(req, Reply::Error(CoreError::AlreadyCommitted(txn)))),
+        }
+    }
+
+    /// Aborts the branch: release the resource and record the abort (lazily:
+    /// under presumed abort a lost abort record only means asking again).
+    fn start_abort(&mut self, out: &mut Vec<Effect>, now: UnixMillis, txn: TxnId, req: Option<ReqId>) {
+        let Some(b) = self.branches.get_mut(&txn) else { return };
+        b.phase = Phase::Aborting;
+        b.abort_pending = false;
+        if let Some(r) = req {
+            b.waiters.push(r);
+        }
+        out.push(Effect::Apply { txn, commit: false, record: Some(record(BranchState::Aborted, b, now)), synced: false });
+    }
+
+    fn applied(&mut self, out: &mut Vec<Effect>, now: UnixMillis, txn: TxnId) {
+        let Some(b) = self.branches.get_mut(&txn) else { return };
+        let done = match b.phase {
+            Phase::Committing if !b.prepared => {
+                // Read-only branch released: nothing to remember.
+                let waiters = std::mem::take(&mut b.waiters);
+                self.branches.remove(&txn);
+                for w in waiters {
+                    out.push(reply(w, Reply::Acked));
+                }
+                return;
+            }
+            Phase::Committing => Phase::Committed,
+            Phase::Aborting => Phase::Aborted,
+            _ => return,
+        };
+        b.phase = done;
+        for w in std::mem::take(&mut b.waiters) {
+            out.push(reply(w, Reply::Acked));
+        }
+        out.push(Effect::SetTimer { at: now.plus(self.config.retention_ms), timer: Timer::Forget(txn) });
+    }
+
+    fn decided(&mut self, out: &mut Vec<Effect>, now: UnixMillis, txn: TxnId, decision: Result<Decision, String>) {
+        let Some(b) = self.branches.get_mut(&txn) else { return };
+        if b.phase != Phase::Prepared {
+            return;
+        }
+        match decision {
+            Ok(Decision::Commit) => {
+                b.phase = Phase::Committing;
+                out.push(Effect::Apply { txn, commit: true, record: Some(record(BranchState::Committed, b, now)), synced: true });
+            }
+            Ok(Decision::Abort) => self.start_abort(out, now, txn, None),
+            Ok(Decision::Pending) | Err(_) => {
+                b.queries += 1;
+                let shift = b.queries.min(16);
+                let cap = self.config.query_base_ms.saturating_mul(1u64 << shift).min(self.config.query_max_ms).max(2);
+                let delay = cap / 2 + next_rand(&mut self.rng) % (cap / 2 + 1);
+                out.push(Effect::SetTimer { at: now.plus(delay), timer: Timer::Query(txn) });
+            }
+        }
+    }
+
+    fn timer(&mut self, out: &mut Vec<Effect>, now: UnixMillis, t: Timer) {
+        match t {
+            Timer::Deadline(txn) => {
+                if let Some(b) = self.branches.get(&txn)
+                    && matches!(b.phase, Phase::Active | Phase::Joining)
+                    && now >= b.deadline
+                {
+                    // Unprepared work past its deadline: the coordinator has
+                    // aborted (or will); release it.
+                    self.start_abort(out, now, txn, None);
+                }
+            }
+            Timer::Query(txn) => {
+                if self.branches.get(&txn).is_some_and(|b| b.phase == Phase::Prepared) {
+                    out.push(Effect::QueryDecision { txn });
+                }
+            }
+            Timer::Forget(txn) => {
+                if self.branches.get(&txn).is_some_and(|b| matches!(b.phase, Phase::Committed | Phase::Aborted)) {
+                    self.branches.remove(&txn);
+                }
+            }
+        }
+    }
+}
+
+/// A branch phase in words, for errors.
+pub fn phase_name(p: Phase) -> &'static str {
+    match p {
+        Phase::Joining => "joining",
+        Phase::Active => "active, not prepared",
+        Phase::Preparing | Phase::Persisting => "preparing",
+        Phase::Prepared => "prepared",
+        Phase::Committing => "committing",
+        Phase::Committed => "committed",
+        Phase::Aborting => "aborting",
+        Phase::Aborted => "aborted",
+    }
+}
+
+fn next_rand(state: &mut u64) -> u64 {
+    let mut x = *state;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    *state = x;
+    x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+}

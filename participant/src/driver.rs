@@ -1,0 +1,246 @@
+//! The participant's driver: one tokio task owns the [`Core`] and performs
+//! its effects against the resource, the branch log and the coordinator.
+//!
+//! The branch log is a column family (`branches`: transaction id →
+//! `BranchRecord`) in the same RocksDB as the resource's data, so that the
+//! resource's staged writes and the PREPARED record, and the resource's
+//! applied writes and the COMMITTED record, each land in one atomic batch.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use prost::Message;
+use tokio::sync::{mpsc, oneshot};
+use tonic::transport::Channel;
+use tracing::{debug, warn};
+use twopc_proto::logpb::BranchRecord;
+use twopc_proto::pb::coordinator_client::CoordinatorClient;
+use twopc_proto::{Decision, ParticipantName, TxnId, UnixMillis, pb};
+use twopc_storage::{Batch, Durability, LogStore, wait};
+
+use crate::core::{Core, Effect, Input, ReqId, Reply};
+use crate::resource::Resource;
+
+/// Column family of the branch log.
+pub const CF_BRANCHES: &str = "branches";
+
+enum Msg {
+    Call { req: ReqId, input: Input, reply: oneshot::Sender<Reply> },
+    Internal(Input),
+    Voted { txn: TxnId, vote: Result<twopc_proto::Vote, String>, batch: Batch },
+    Stop(oneshot::Sender<()>),
+}
+
+/// The driver stopped.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the participant is shutting down")]
+pub struct Stopped;
+
+/// A cloneable way to talk to the driver.
+#[derive(Clone)]
+pub struct Handle {
+    tx: mpsc::Sender<Msg>,
+    next_req: Arc<AtomicU64>,
+}
+
+impl Handle {
+    /// Sends the input that `make` builds and waits for the reply.
+    pub async fn call(&self, make: impl FnOnce(ReqId) -> Input) -> Result<Reply, Stopped> {
+        let req = self.next_req.fetch_add(1, Ordering::Relaxed);
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Msg::Call { req, input: make(req), reply }).await.map_err(|_| Stopped)?;
+        rx.await.map_err(|_| Stopped)
+    }
+
+    /// Stops the driver; the store closes once every handle to it is gone.
+    pub async fn stop(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Msg::Stop(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// Everything the driver needs besides the core.
+pub struct Parts {
+    /// This participant's name.
+    pub name: ParticipantName,
+    /// Where the coordinator reaches this participant.
+    pub endpoint: String,
+    /// The coordinator.
+    pub coordinator: CoordinatorClient<Channel>,
+    /// The store shared by the branch log and the resource.
+    pub store: Arc<dyn LogStore>,
+    /// The resource.
+    pub resource: Arc<dyn Resource>,
+    /// Timeout of calls to the coordinator.
+    pub rpc_timeout: Duration,
+}
+
+/// Reads the branch log.
+pub fn load_branches(store: &dyn LogStore) -> Result<Vec<(TxnId, BranchRecord)>, String> {
+    store
+        .scan_prefix(CF_BRANCHES, b"")
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|(k, v)| {
+            let txn = TxnId::from_key(&k).ok_or_else(|| format!("corrupt branch log key of {} bytes", k.len()))?;
+            let r = BranchRecord::decode(v.as_slice()).map_err(|e| format!("corrupt branch record for {txn}: {e}"))?;
+            Ok((txn, r))
+        })
+        .collect()
+}
+
+/// Starts the driver, performing `recovery` effects first.
+pub fn spawn(core: Core, recovery: Vec<Effect>, parts: Parts) -> Handle {
+    let (tx, rx) = mpsc::channel(16_384);
+    let handle = Handle { tx: tx.clone(), next_req: Arc::new(AtomicU64::new(1)) };
+    let driver = Driver { core, parts: Arc::new(parts), tx, pending: HashMap::new(), staged: HashMap::new() };
+    tokio::spawn(driver.run(rx, recovery));
+    handle
+}
+
+struct Driver {
+    core: Core,
+    parts: Arc<Parts>,
+    tx: mpsc::Sender<Msg>,
+    pending: HashMap<ReqId, oneshot::Sender<Reply>>,
+    /// What each resource prepare staged, until the PREPARED record is
+    /// written with it.
+    staged: HashMap<TxnId, Batch>,
+}
+
+impl Driver {
+    async fn run(mut self, mut rx: mpsc::Receiver<Msg>, recovery: Vec<Effect>) {
+        for e in recovery {
+            self.perform(e);
+        }
+        while let Some(msg) = rx.recv().await {
+            let input = match msg {
+                Msg::Call { req, input, reply } => {
+                    self.pending.insert(req, reply);
+                    input
+                }
+                Msg::Internal(input) => input,
+                Msg::Voted { txn, vote, batch } => {
+                    self.staged.insert(txn, batch);
+                    Input::ResourceVoted { txn, vote }
+                }
+                Msg::Stop(done) => {
+                    drop(self);
+                    let _ = done.send(());
+                    return;
+                }
+            };
+            for e in self.core.step(UnixMillis::now(), input) {
+                self.perform(e);
+            }
+        }
+    }
+
+    fn internal(&self, fut: impl Future<Output = Input> + Send + 'static) {
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let input = fut.await;
+            let _ = tx.send(Msg::Internal(input)).await;
+        });
+    }
+
+    fn perform(&mut self, effect: Effect) {
+        let parts = self.parts.clone();
+        match effect {
+            Effect::Reply { req, reply } => {
+                if let Some(tx) = self.pending.remove(&req) {
+                    let _ = tx.send(reply);
+                }
+            }
+            Effect::Enlist { txn } => self.internal(async move {
+                let mut c = parts.coordinator.clone();
+                let mut req = tonic::Request::new(pb::EnlistRequest {
+                    txn_id: txn.to_string(),
+                    participant: parts.name.as_str().to_owned(),
+                    endpoint: parts.endpoint.clone(),
+                });
+                req.set_timeout(parts.rpc_timeout);
+                let result = match c.enlist(req).await {
+                    Ok(r) => Ok(UnixMillis(r.get_ref().deadline_unix_ms)),
+                    Err(s) => Err(format!("the coordinator refused enlistment: {}", s.message())),
+                };
+                Input::Enlisted { txn, result }
+            }),
+            Effect::ResourcePrepare { txn, payload } => {
+                let tx = self.tx.clone();
+                tokio::spawn(async move {
+                    let mut batch = Batch::new();
+                    let vote = parts.resource.prepare(txn, payload.as_deref(), &mut batch).await.map_err(|e| e.0);
+                    let _ = tx.send(Msg::Voted { txn, vote, batch }).await;
+                });
+            }
+            Effect::PersistPrepared { txn, record } => {
+                let mut batch = self.staged.remove(&txn).unwrap_or_default();
+                batch.put(CF_BRANCHES, txn.to_key().to_vec(), record.encode_to_vec());
+                let ticket = parts.store.submit(batch, Durability::Synced);
+                self.internal(async move {
+                    match wait(ticket).await {
+                        Ok(()) => Input::Durable { txn },
+                        Err(e) => Input::PersistFailed { txn, error: e.to_string() },
+                    }
+                });
+            }
+            Effect::Apply { txn, commit, record, synced } => {
+                self.staged.remove(&txn);
+                self.internal(async move {
+                    let mut batch = Batch::new();
+                    let r = if commit {
+                        parts.resource.commit(txn, &mut batch).await
+                    } else {
+                        parts.resource.abort(txn, &mut batch).await
+                    };
+                    if let Err(e) = r {
+                        return Input::ApplyFailed { txn, error: e.0 };
+                    }
+                    if let Some(rec) = record {
+                        batch.put(CF_BRANCHES, txn.to_key().to_vec(), rec.encode_to_vec());
+                    }
+                    if !batch.is_empty() {
+                        let d = if synced { Durability::Synced } else { Durability::Lazy };
+                        if let Err(e) = wait(parts.store.submit(batch, d)).await {
+                            return Input::ApplyFailed { txn, error: e.to_string() };
+                        }
+                    }
+                    parts.resource.finished(txn, commit);
+                    Input::Applied { txn }
+                });
+            }
+            Effect::QueryDecision { txn } => self.internal(async move {
+                let mut c = parts.coordinator.clone();
+                let mut req =
+                    tonic::Request::new(pb::QueryDecisionRequest { txn_id: txn.to_string(), participant: parts.name.as_str().to_owned() });
+                req.set_timeout(parts.rpc_timeout);
+                let decision = match c.query_decision(req).await {
+                    Ok(r) => match pb::Decision::try_from(r.get_ref().decision) {
+                        Ok(pb::Decision::Commit) => Ok(Decision::Commit),
+                        Ok(pb::Decision::Abort) => Ok(Decision::Abort),
+                        Ok(pb::Decision::Pending) => Ok(Decision::Pending),
+                        _ => Err("the coordinator sent an unknown decision".to_owned()),
+                    },
+                    Err(s) => Err(s.message().to_owned()),
+                };
+                match &decision {
+                    Ok(d) => debug!(%txn, ?d, "decision queried"),
+                    Err(e) => warn!(%txn, error = %e, "cannot ask the coordinator for the outcome; will retry"),
+                }
+                Input::Decided { txn, decision }
+            }),
+            Effect::SetTimer { at, timer } => {
+                let delay = UnixMillis::now().until(at);
+                self.internal(async move {
+                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                    Input::Timer(timer)
+                });
+            }
+        }
+    }
+}

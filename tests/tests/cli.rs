@@ -1,0 +1,110 @@
+//! The user's binaries end to end: `twopc-coordinator` and two example
+//! services as real processes, driven by the `twopc` CLI. Needs the
+//! binaries built (`cargo build --release --workspace --bins`, which the
+//! test script does first).
+
+use std::path::Path;
+use std::time::Duration;
+
+use twopc_examples::procs::{Proc, binary};
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+async fn twopc(coordinator: &str, args: &[&str]) -> Run {
+    let out = tokio::process::Command::new(binary("twopc").expect("twopc is built"))
+        .arg("--coordinator")
+        .arg(coordinator)
+        .args(args)
+        .output()
+        .await
+        .expect("runs");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+async fn start(dir: &Path) -> (Proc, Vec<Proc>) {
+    let within = Duration::from_secs(60);
+    let c = Proc::start(
+        "coordinator",
+        &binary("twopc-coordinator").expect("built"),
+        &["--listen".into(), "127.0.0.1:0".into(), "--data-dir".into(), dir.join("c").display().to_string()],
+        &dir.join("c.log"),
+        within,
+    )
+    .await
+    .expect("coordinator starts");
+    let mut ps = Vec::new();
+    for role in ["wallet", "orders"] {
+        let args: Vec<String> = vec![
+            "--role".into(),
+            role.into(),
+            "--data-dir".into(),
+            dir.join(role).display().to_string(),
+            "--coordinator".into(),
+            c.url(),
+        ];
+        ps.push(Proc::start(role, &binary("shop-service").expect("built"), &args, &dir.join(format!("{role}.log")), within).await.expect("service starts"));
+    }
+    (c, ps)
+}
+
+fn one_line(s: &str) -> bool {
+    s.trim_end().lines().count() == 1
+}
+
+#[tokio::test]
+async fn cli_execute_status_and_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut c, mut ps) = start(dir.path()).await;
+    let url = c.url();
+
+    let ok = twopc(&url, &["execute", "--branch", "wallet=put balance/x 5", "--branch", "orders=put order/x 1; incr revenue 5"]).await;
+    assert_eq!(ok.code, 0, "execute commits: {} {}", ok.stdout, ok.stderr);
+    let txn = ok.stdout.trim().strip_prefix("committed ").expect("prints committed TXN").to_owned();
+    assert!(txn.parse::<twopc_proto::TxnId>().is_ok(), "{txn}");
+
+    let st = twopc(&url, &["status", &txn]).await;
+    assert_eq!(st.code, 0, "{}", st.stderr);
+    assert!(st.stdout.starts_with(&format!("{txn} committed")), "{}", st.stdout);
+    let js = twopc(&url, &["--json", "status", &txn]).await;
+    assert!(js.stdout.contains("\"state\":\"committed\""), "{}", js.stdout);
+
+    let no = twopc(&url, &["execute", "-b", "wallet=incr balance/x -10; check balance/x >= 0", "-b", "orders=put order/y 1"]).await;
+    assert_eq!(no.code, 3, "an aborted transaction exits 3: {} {}", no.stdout, no.stderr);
+    assert!(one_line(&no.stderr) && no.stderr.contains("wallet voted no"), "{}", no.stderr);
+
+    for (args, needle) in [
+        (vec!["status", "garbage"], "malformed transaction id"),
+        (vec!["status", "tx-999-1"], "never begun"),
+        (vec!["commit", "tx-999-1"], "never begun"),
+        (vec!["execute", "-b", "nobody"], "not NAME=PAYLOAD"),
+        (vec!["execute", "-b", "ghost=put a 1"], "PARTICIPANT_UNKNOWN"),
+        (vec!["execute", "-b", "wallet="], "voted no"),
+    ] {
+        let r = twopc(&url, &args).await;
+        assert_ne!(r.code, 0, "{args:?} must fail");
+        assert!(one_line(&r.stderr), "{args:?}: one line, got {:?}", r.stderr);
+        assert!(r.stderr.contains(needle), "{args:?}: {:?} should mention {needle:?}", r.stderr);
+    }
+    let unreachable = twopc("http://127.0.0.1:1", &["status", "tx-1-1"]).await;
+    assert_eq!(unreachable.code, 1);
+    assert!(one_line(&unreachable.stderr) && unreachable.stderr.contains("cannot reach"), "{}", unreachable.stderr);
+
+    // The daemon refuses bad flags with one line and a non-zero exit.
+    let bad = tokio::process::Command::new(binary("twopc-coordinator").expect("built")).args(["--listen", "nonsense"]).output().await.expect("runs");
+    assert_ne!(bad.status.code(), Some(0));
+
+    for p in ps.iter_mut() {
+        let s = p.terminate(Duration::from_secs(10)).await.expect("service stops on SIGTERM");
+        assert!(s.success(), "{} exited with {s}", p.name);
+    }
+    let s = c.terminate(Duration::from_secs(10)).await.expect("coordinator stops on SIGTERM");
+    assert!(s.success(), "coordinator exited with {s}");
+}
