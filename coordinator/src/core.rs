@@ -220,7 +220,7 @@ pub enum Timer {
 }
 
 /// What the core asks the driver to do.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
     /// Answer a caller.
     Reply {

@@ -20,7 +20,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use twopc_proto::{UnixMillis, pb};
 
 use crate::core::{Core, CoreConfig};
@@ -142,7 +141,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         .add_service(health_service)
         .add_service(reflection)
         .add_service(pb::coordinator_server::CoordinatorServer::new(service))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
         .await;
     handle.stop().await;
     result?;

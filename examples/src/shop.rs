@@ -6,7 +6,7 @@
 //!
 //! Keys:
 //! - wallet: `balance/<account>` (integer), `debit/<order>` (amount)
-//! - orders: `order/<order>` ("account,sku,quantity,amount"), `revenue`
+//! - orders: `order/<order>` ("account,sku,quantity,amount")
 //! - inventory: `stock/<sku>` (integer), `reserved/<order>` ("sku,quantity")
 
 use tonic::{Code, Request, Response, Status};
@@ -20,7 +20,7 @@ use crate::pb;
 pub enum Role {
     /// Customer balances.
     Wallet,
-    /// Orders and revenue.
+    /// Orders.
     Orders,
     /// Stock and reservations.
     Inventory,
@@ -112,7 +112,6 @@ impl pb::orders_server::Orders for OrdersService {
         }
         let value = format!("{},{},{},{}", r.account, r.sku, r.quantity, r.amount);
         t.put(key.as_bytes(), value.as_bytes()).await.map_err(kv_status)?;
-        t.incr(b"revenue", r.amount).await.map_err(kv_status)?;
         Ok(Response::new(pb::PlaceResponse {}))
     }
 }

@@ -3,9 +3,10 @@
 //!
 //! - Writes are staged per transaction, in memory, under per-key locks held
 //!   from the first access until the decision. A second transaction that
-//!   touches a locked key waits up to the lock-wait bound and then gets
-//!   [`KvError::LockConflict`] (or votes NO, for an Execute payload); it never
-//!   overwrites.
+//!   touches a locked key waits up to the lock-wait bound (a tenth of it when
+//!   the holder is older: wait-die, so cross-service deadlocks break fast)
+//!   and then gets [`KvError::LockConflict`] (or votes NO, for an Execute
+//!   payload); it never overwrites.
 //! - Reads inside a transaction lock the key too and see the transaction's
 //!   own writes; [`KvStore::get`] outside a transaction sees committed data.
 //! - Prepare writes the staged set to the `kv_staged` column family in the
@@ -371,8 +372,15 @@ impl KvStore {
         KvTxn { kv: self.clone(), txn }
     }
 
+    /// Takes `key`'s lock for `txn`. Deadlocks are bounded by a wait-die
+    /// rule on transaction age (ids order by creation): a transaction waits
+    /// up to the full lock-wait bound for a younger holder, but only a tenth
+    /// of it for an older one. Every wait cycle contains a younger-waits-for-
+    /// older edge, so a cross-service deadlock breaks within that tenth
+    /// instead of stalling every member for the full bound.
     async fn lock(&self, txn: TxnId, key: &[u8]) -> Result<(), KvError> {
-        let give_up = tokio::time::Instant::now() + self.inner.lock_wait;
+        let start = tokio::time::Instant::now();
+        let mut give_up = start + self.inner.lock_wait;
         loop {
             let released = self.inner.released.notified();
             tokio::pin!(released);
@@ -386,6 +394,9 @@ impl KvStore {
                     Some(h) if *h == txn => return Ok(()),
                     Some(h) => {
                         let holder = *h;
+                        if holder < txn {
+                            give_up = give_up.min(start + self.inner.lock_wait / 10);
+                        }
                         if tokio::time::Instant::now() >= give_up {
                             return Err(KvError::LockConflict { key: show(key), holder });
                         }
@@ -539,6 +550,7 @@ impl Resource for KvStore {
         let store = self.store().map_err(|e| ResourceError(e.to_string()))?;
         let rows = store.scan_prefix(CF_STAGED, b"").map_err(|e| ResourceError(e.to_string()))?;
         let mut garbage = Batch::new();
+        {
         let mut st = self.state();
         for (k, v) in rows {
             let Some(txn) = k.get(..16).and_then(TxnId::from_key) else { continue };
@@ -559,7 +571,7 @@ impl Resource for KvStore {
         for t in prepared {
             st.closed.insert(*t, Instant::now());
         }
-        drop(st);
+        }
         if !garbage.is_empty() {
             twopc_storage::wait(store.submit(garbage, twopc_storage::Durability::Lazy)).await.map_err(|e| ResourceError(e.to_string()))?;
         }

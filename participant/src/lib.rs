@@ -26,7 +26,7 @@
 //!     .layer(participant.layer())
 //!     .add_service(participant.service())
 //!     // .add_service(WalletServer::new(MyWallet { kv }))
-//!     .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+//!     .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)))
 //!     .await?;
 //! # Ok(()) }
 //! ```
@@ -247,3 +247,8 @@ impl Participant {
         self.handle.stop().await;
     }
 }
+
+/// Compiles the code blocks of the README as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;

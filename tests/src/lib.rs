@@ -13,7 +13,6 @@ use tempfile::TempDir;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Channel;
 use twopc_examples::pb;
 use twopc_examples::shop::{InventoryService, LedgerService, OrdersService, WalletService};
@@ -139,7 +138,7 @@ impl TestParticipant {
             .add_service(pb::inventory_server::InventoryServer::new(InventoryService { kv: kv.clone() }));
         let task = tokio::spawn(async move {
             let _ = router
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), async {
                     let _ = stopped.await;
                 })
                 .await;

@@ -50,10 +50,31 @@ struct Args {
     quiet: bool,
 }
 
-const CUSTOMERS: usize = 16;
-const START_BALANCE: i64 = 150;
-const SKUS: [(&str, i64); 5] = [("lamp", 25), ("chair", 40), ("desk", 60), ("mug", 10), ("rug", 35)];
-const START_STOCK: i64 = 40;
+const CUSTOMERS: usize = 40;
+const START_BALANCE: i64 = 1000;
+const SKUS: [(&str, i64); 20] = [
+    ("lamp", 25),
+    ("chair", 40),
+    ("desk", 60),
+    ("mug", 10),
+    ("rug", 35),
+    ("shelf", 45),
+    ("sofa", 90),
+    ("table", 70),
+    ("clock", 20),
+    ("vase", 15),
+    ("mirror", 30),
+    ("stool", 18),
+    ("bench", 55),
+    ("pillow", 12),
+    ("blanket", 28),
+    ("frame", 9),
+    ("candle", 6),
+    ("basket", 14),
+    ("plant", 22),
+    ("curtain", 33),
+];
+const START_STOCK: i64 = 30;
 
 #[derive(Debug, Clone)]
 struct Order {
@@ -192,7 +213,7 @@ async fn place_via_execute(client: &TxnClient, o: &Order) -> Result_ {
         (
             "orders",
             format!(
-                "check order/{id} absent; put order/{id} {a},{s},{q},{m}; incr revenue {m}",
+                "check order/{id} absent; put order/{id} {a},{s},{q},{m}",
                 id = o.id,
                 a = o.account,
                 s = o.sku,
@@ -250,7 +271,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let stock: Vec<String> = SKUS.iter().map(|(s, _)| format!("put stock/{s} {START_STOCK}")).collect();
     let seeded = client
         .execute(
-            [("wallet", balances.join("; ")), ("inventory", stock.join("; ")), ("orders", "put revenue 0".to_owned())]
+            [("wallet", balances.join("; ")), ("inventory", stock.join("; "))]
                 .map(|(n, p)| (n, p.into_bytes())),
             Duration::from_secs(10),
         )
@@ -363,9 +384,11 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     };
     let (w, o, i) = (&wallet.0, &orders_kv.0, &inventory.0);
     let balances: i64 = w.iter().filter(|(k, _)| k.starts_with("balance/")).map(|(k, _)| int(w, k)).sum();
-    let revenue = int(o, "revenue");
+    // Revenue: the amounts of the orders the order book holds.
+    let revenue: i64 =
+        o.iter().filter(|(k, _)| k.starts_with("order/")).map(|(_, v)| v.rsplit(',').next().and_then(|a| a.parse::<i64>().ok()).unwrap_or(0)).sum();
     let money = CUSTOMERS as i64 * START_BALANCE;
-    check("money conserved", balances + revenue == money, format!("{balances} in balances + {revenue} revenue = {} (started with {money})", balances + revenue));
+    check("money conserved", balances + revenue == money, format!("{balances} in balances + {revenue} in orders = {} (started with {money})", balances + revenue));
     let negative: Vec<&String> = w.iter().chain(i.iter()).filter(|(k, v)| (k.starts_with("balance/") || k.starts_with("stock/")) && v.starts_with('-')).map(|(k, _)| k).collect();
     check("no negative balance or stock", negative.is_empty(), format!("{} negative", negative.len()));
     let mut stock_ok = true;
@@ -384,7 +407,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let told: HashMap<&str, &Result_> = results.iter().map(|(o, r, _)| (o.id.as_str(), r)).collect();
     let mut mismatched = Vec::new();
     let mut matched = 0;
-    for (ord, r) in &results {
+    for (ord, r, _) in &results {
         let in_orders = o.get(&format!("order/{}", ord.id));
         let in_wallet = w.get(&format!("debit/{}", ord.id));
         let in_inventory = i.get(&format!("reserved/{}", ord.id));

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use tokio_stream::wrappers::TcpListenerStream;
 use twopc_examples::pb;
 use twopc_examples::shop::{InventoryService, LedgerService, OrdersService, Role, WalletService};
 use twopc_participant::{KvStore, Participant};
@@ -80,7 +79,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     println!("listening on {addr}");
     std::io::stdout().flush()?;
-    router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown()).await?;
+    router.serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown()).await?;
     participant.shutdown().await;
     Ok(())
 }
