@@ -9,9 +9,11 @@ scripts/setup.sh
 
 # The end-to-end tests start the real binaries: build them first.
 cargo build --release --workspace --bins
+# Doc tests first (nextest does not run them), so that the suite's summary
+# line is the last thing printed.
+cargo test --release --workspace --doc
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --release --workspace --no-fail-fast "$@"
 else
   cargo test --release --workspace --no-fail-fast "$@"
 fi
-cargo test --release --workspace --doc

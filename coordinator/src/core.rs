@@ -381,6 +381,8 @@ struct Branch {
     retries: u32,
     /// A phase-two message is in flight or a retry timer is set.
     delivering: bool,
+    /// A retry timer is set (the last attempt failed).
+    retry_scheduled: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -441,7 +443,15 @@ impl Core {
                 let Ok(name) = ParticipantName::new(p.name) else { continue };
                 participants.insert(
                     name,
-                    Branch { endpoint: p.endpoint, payload: None, vote: Some(Vote::Yes), acked: false, retries: 0, delivering: false },
+                    Branch {
+                        endpoint: p.endpoint,
+                        payload: None,
+                        vote: Some(Vote::Yes),
+                        acked: false,
+                        retries: 0,
+                        delivering: false,
+                        retry_scheduled: false,
+                    },
                 );
             }
             self.txns.insert(
@@ -472,8 +482,15 @@ impl Core {
                 let parts = branches
                     .into_iter()
                     .map(|b| {
-                        let branch =
-                            Branch { endpoint: b.endpoint, payload: Some(b.payload), vote: None, acked: false, retries: 0, delivering: false };
+                        let branch = Branch {
+                            endpoint: b.endpoint,
+                            payload: Some(b.payload),
+                            vote: None,
+                            acked: false,
+                            retries: 0,
+                            delivering: false,
+                            retry_scheduled: false,
+                        };
                         (b.participant, branch)
                     })
                     .collect();
@@ -539,20 +556,14 @@ impl Core {
         let txn = TxnId { epoch: self.epoch, seq: self.next_seq };
         self.next_seq += 1;
         let deadline = now.plus(timeout);
-        self.txns.insert(
-            txn,
-            Txn { state: TxnState::Active, deadline, participants, waiters: Vec::new(), abort_reason: None, finished: false },
-        );
+        self.txns
+            .insert(txn, Txn { state: TxnState::Active, deadline, participants, waiters: Vec::new(), abort_reason: None, finished: false });
         Ok((txn, deadline, Effect::SetTimer { at: deadline, timer: Timer::Deadline(txn) }))
     }
 
     fn enlist(&mut self, out: &mut Vec<Effect>, now: UnixMillis, req: ReqId, txn: TxnId, participant: ParticipantName, endpoint: String) {
         let Some(t) = self.txns.get_mut(&txn) else {
-            let e = if self.issued(txn) {
-                CoreError::EnlistmentClosed { txn, state: "finished" }
-            } else {
-                CoreError::NotFound(txn)
-            };
+            let e = if self.issued(txn) { CoreError::EnlistmentClosed { txn, state: "finished" } } else { CoreError::NotFound(txn) };
             out.push(reply(req, Reply::Error(e)));
             return;
         };
@@ -572,6 +583,7 @@ impl Core {
                     acked: false,
                     retries: 0,
                     delivering: false,
+                    retry_scheduled: false,
                 });
                 // A participant that moved re-enlists with its new address.
                 b.endpoint = endpoint;
@@ -762,7 +774,10 @@ impl Core {
         let Some(t) = self.txns.get_mut(&txn) else { return };
         let state = t.state;
         let Some(b) = t.participants.get_mut(&participant) else { return };
-        if b.acked {
+        // Only a result for a phase-two message this core sent counts: an
+        // ack before the decision, or a second result for one message, is
+        // stale.
+        if b.acked || !b.delivering || b.retry_scheduled || !matches!(state, TxnState::Committed | TxnState::Aborted) {
             return;
         }
         match result {
@@ -782,6 +797,7 @@ impl Core {
                     self.maybe_finish(out, now, txn);
                     return;
                 }
+                b.retry_scheduled = true;
                 let shift = b.retries.min(20);
                 let cap = base.saturating_mul(1u64 << shift).min(max).max(1);
                 // Full jitter in [cap/2, cap].
@@ -828,7 +844,9 @@ impl Core {
                 {
                     let silent: Vec<&str> = t.participants.iter().filter(|(_, b)| b.vote.is_none()).map(|(n, _)| n.as_str()).collect();
                     let reason = match t.participants.iter().find(|(_, b)| b.vote.is_none()) {
-                        Some((first, _)) => AbortReason::at(AbortCode::PrepareTimeout, first, format!("no vote in time from {}", silent.join(", "))),
+                        Some((first, _)) => {
+                            AbortReason::at(AbortCode::PrepareTimeout, first, format!("no vote in time from {}", silent.join(", ")))
+                        }
                         None => AbortReason::new(AbortCode::PrepareTimeout, "votes came too late"),
                     };
                     self.abort(out, now, txn, reason);
@@ -843,9 +861,11 @@ impl Core {
                     TxnState::Aborted => PhaseTwo::Abort,
                     _ => return,
                 };
-                if let Some(b) = t.participants.get(&participant)
+                if let Some(b) = t.participants.get_mut(&participant)
                     && !b.acked
+                    && b.retry_scheduled
                 {
+                    b.retry_scheduled = false;
                     out.push(Effect::SendDecision { txn, participant, endpoint: b.endpoint.clone(), decision });
                 }
             }

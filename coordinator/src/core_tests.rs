@@ -66,7 +66,7 @@ fn presumed_abort() -> AbortReason {
 
 /// An effect with the phase-two decision reduced to a bool, so tests can
 /// build expected values.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 enum Fx {
     Reply(ReqId, Reply),
     Persist { txn: TxnId, record: DecisionRecord, synced: bool },
@@ -156,9 +156,7 @@ fn decisions(fx: &[Fx]) -> Vec<(String, bool)> {
 }
 
 fn has_commit_evidence(fx: &[Fx]) -> bool {
-    fx.iter().any(|f| {
-        matches!(f, Fx::Decide { commit: true, .. } | Fx::Reply(_, Reply::Outcome { outcome: Outcome::Committed, .. }))
-    })
+    fx.iter().any(|f| matches!(f, Fx::Decide { commit: true, .. } | Fx::Reply(_, Reply::Outcome { outcome: Outcome::Committed, .. })))
 }
 
 /// A core and a request-id counter.
@@ -317,11 +315,7 @@ impl H {
             [Fx::Timer(when, Timer::Retry(t, n))] => {
                 assert_eq!((*t, n.as_str()), (txn, name));
                 let delay = now.until(*when);
-                assert!(
-                    (cap / 2..=cap).contains(&delay),
-                    "retry #{retries} delay {delay} ms outside [{}, {cap}]",
-                    cap / 2
-                );
+                assert!((cap / 2..=cap).contains(&delay), "retry #{retries} delay {delay} ms outside [{}, {cap}]", cap / 2);
                 *when
             }
             other => panic!("expected exactly one Retry timer, got {other:?}"),
@@ -414,7 +408,11 @@ fn enlist_is_idempotent() {
     let (_, fx) = h.commit(at(5), txn);
     assert_eq!(
         fx,
-        vec![prepare_fx(txn, "a", deadline), prepare_fx(txn, "b", deadline), Fx::Timer(at(5 + PREPARE_TIMEOUT), Timer::PrepareTimeout(txn))]
+        vec![
+            prepare_fx(txn, "a", deadline),
+            prepare_fx(txn, "b", deadline),
+            Fx::Timer(at(5 + PREPARE_TIMEOUT), Timer::PrepareTimeout(txn))
+        ]
     );
 }
 
@@ -823,10 +821,7 @@ fn abort_with_empty_detail_gets_a_default_detail() {
     let mut h = H::new();
     let (txn, _) = h.active(&["a"]);
     let _ = h.abort(at(50), txn, "");
-    assert_eq!(
-        h.txn_status(at(51), txn).abort_reason,
-        Some(AbortReason::new(AbortCode::AbortedByClient, "aborted by the initiator"))
-    );
+    assert_eq!(h.txn_status(at(51), txn).abort_reason, Some(AbortReason::new(AbortCode::AbortedByClient, "aborted by the initiator")));
 }
 
 #[test]
@@ -1291,8 +1286,6 @@ fn stale_deliveries_are_ignored() {
 /// `Delivered` only for a `SendDecision` it performed), but the module docs
 /// promise that stale acks are ignored.
 #[test]
-#[ignore = "suspected bug: Delivered Ok for a participant with no phase-two message in flight (here: while Deciding) \
-            is not ignored; it marks the participant acknowledged, so Durable then sends it no Commit"]
 fn ack_without_a_phase_two_in_flight_is_ignored() {
     let mut h = H::new();
     let (txn, req) = h.deciding(&["a", "b"]);
@@ -1309,10 +1302,7 @@ fn persist_failed_answers_log_failed_and_stays_pending() {
     let (r2, fx) = h.commit(at(210), txn);
     assert_eq!(fx, vec![]);
     let fx = h.step(at(220), Input::PersistFailed { txn, error: "disk full".into() });
-    assert_eq!(
-        fx,
-        vec![error_fx(r1, CoreError::LogFailed("disk full".into())), error_fx(r2, CoreError::LogFailed("disk full".into()))]
-    );
+    assert_eq!(fx, vec![error_fx(r1, CoreError::LogFailed("disk full".into())), error_fx(r2, CoreError::LogFailed("disk full".into()))]);
     assert!(!has_commit_evidence(&fx));
     assert_eq!(h.query(at(230), txn), Decision::Pending);
     assert_eq!(h.txn_status(at(230), txn).state, TxnState::Deciding);
@@ -1367,10 +1357,7 @@ impl Rng {
 fn seed_from_env_or_clock() -> u64 {
     match std::env::var("TWOPC_SEED") {
         Ok(s) => s.trim().parse().expect("TWOPC_SEED must be an unsigned integer"),
-        Err(_) => std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0x5EED),
+        Err(_) => std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0x5EED),
     }
 }
 
@@ -1521,9 +1508,7 @@ impl Explorer {
                             self.evidence(txn, false, format!("Aborted({:?}) reply to {req}", r.code))
                         }
                         Reply::Aborted { txn } => self.evidence(txn, false, format!("Aborted reply to {req}")),
-                        Reply::Error(CoreError::AlreadyCommitted(txn)) => {
-                            self.evidence(txn, true, format!("AlreadyCommitted to {req}"))
-                        }
+                        Reply::Error(CoreError::AlreadyCommitted(txn)) => self.evidence(txn, true, format!("AlreadyCommitted to {req}")),
                         Reply::Decision(d) => {
                             let Some((_, txn, _)) = tag else { panic!("{}: untracked decision reply", self.ctx) };
                             match d {
@@ -1538,20 +1523,14 @@ impl Explorer {
                         Reply::Enlisted { .. } => {
                             let Some(("enlist", txn, name)) = tag else { panic!("{}: untracked Enlisted reply", self.ctx) };
                             let s = self.seen.entry(txn).or_default();
-                            assert!(
-                                s.prepared_to.is_empty(),
-                                "{}: {name} enlisted in {txn} after its prepares went out",
-                                self.ctx
-                            );
+                            assert!(s.prepared_to.is_empty(), "{}: {name} enlisted in {txn} after its prepares went out", self.ctx);
                             s.enlisted.insert(name);
                         }
-                        Reply::Status(st) => {
-                            match st.state {
-                                TxnState::Committed => self.evidence(st.txn, true, "Status Committed".into()),
-                                TxnState::Aborted => self.evidence(st.txn, false, "Status Aborted".into()),
-                                _ => {}
-                            }
-                        }
+                        Reply::Status(st) => match st.state {
+                            TxnState::Committed => self.evidence(st.txn, true, "Status Committed".into()),
+                            TxnState::Aborted => self.evidence(st.txn, false, "Status Aborted".into()),
+                            _ => {}
+                        },
                         Reply::Error(_) => {}
                     }
                 }
@@ -1572,11 +1551,7 @@ impl Explorer {
                 }
                 Effect::SendPrepare { txn, participant, .. } => {
                     let s = self.seen.entry(txn).or_default();
-                    assert!(
-                        s.commit.is_none() && s.abort.is_none(),
-                        "{}: prepare of {txn} to {participant} after a decision",
-                        self.ctx
-                    );
+                    assert!(s.commit.is_none() && s.abort.is_none(), "{}: prepare of {txn} to {participant} after a decision", self.ctx);
                     s.prepared_to.insert(participant.as_str().to_owned());
                     self.prepares.push((txn, participant.as_str().to_owned()));
                 }

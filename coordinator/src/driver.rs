@@ -24,7 +24,7 @@ use tracing::{debug, error, warn};
 use twopc_proto::pb::participant_client::ParticipantClient;
 use twopc_proto::{TxnId, UnixMillis, Vote, pb};
 
-use crate::core::{Core, Effect, Input, PhaseTwo, ReqId, Reply};
+use crate::core::{Core, Effect, Input, PhaseTwo, Reply, ReqId};
 use crate::log::DecisionLog;
 
 /// Per-call limits of the driver's outgoing RPCs.

@@ -10,6 +10,8 @@
 //! - [`service`]: the `twopc.v1.Coordinator` handlers.
 
 pub mod core;
+#[cfg(test)]
+mod core_tests;
 pub mod driver;
 pub mod log;
 pub mod service;

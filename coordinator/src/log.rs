@@ -67,10 +67,11 @@ impl DecisionLog {
     pub async fn next_epoch(&self) -> Result<u64, LogError> {
         let last = match self.store.get(CF_META, EPOCH_KEY)? {
             None => 0,
-            Some(v) => u64::from_be_bytes(v.as_slice().try_into().map_err(|_| LogError::Corrupt {
-                cf: CF_META,
-                detail: format!("epoch has {} bytes, expected 8", v.len()),
-            })?),
+            Some(v) => u64::from_be_bytes(
+                v.as_slice()
+                    .try_into()
+                    .map_err(|_| LogError::Corrupt { cf: CF_META, detail: format!("epoch has {} bytes, expected 8", v.len()) })?,
+            ),
         };
         let epoch = last + 1;
         let mut b = Batch::new();
@@ -85,8 +86,10 @@ impl DecisionLog {
             .scan_prefix(CF_DECISIONS, b"")?
             .into_iter()
             .map(|(k, v)| {
-                let txn = TxnId::from_key(&k).ok_or_else(|| LogError::Corrupt { cf: CF_DECISIONS, detail: format!("key of {} bytes", k.len()) })?;
-                let rec = DecisionRecord::decode(v.as_slice()).map_err(|e| LogError::Corrupt { cf: CF_DECISIONS, detail: format!("{txn}: {e}") })?;
+                let txn = TxnId::from_key(&k)
+                    .ok_or_else(|| LogError::Corrupt { cf: CF_DECISIONS, detail: format!("key of {} bytes", k.len()) })?;
+                let rec = DecisionRecord::decode(v.as_slice())
+                    .map_err(|e| LogError::Corrupt { cf: CF_DECISIONS, detail: format!("{txn}: {e}") })?;
                 Ok((txn, rec))
             })
             .collect()

@@ -192,11 +192,19 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                 return Err(error(
                     Code::InvalidArgument,
                     reason::PAYLOAD_TOO_LARGE,
-                    format!("payload for {participant} has {} bytes; at most {} are allowed", b.payload.len(), self.limits.max_payload_bytes),
+                    format!(
+                        "payload for {participant} has {} bytes; at most {} are allowed",
+                        b.payload.len(),
+                        self.limits.max_payload_bytes
+                    ),
                 ));
             }
             if !seen.insert(participant.clone()) {
-                return Err(error(Code::InvalidArgument, reason::DUPLICATE_PARTICIPANT, format!("participant {participant} is named twice")));
+                return Err(error(
+                    Code::InvalidArgument,
+                    reason::DUPLICATE_PARTICIPANT,
+                    format!("participant {participant} is named twice"),
+                ));
             }
             let endpoint = self.registry.get(&participant).ok_or_else(|| {
                 error(

@@ -86,9 +86,12 @@ impl TxnClient {
     /// Begins a transaction that must be committed within `timeout`.
     pub async fn begin(&self, timeout: Duration) -> Result<Transaction, ClientError> {
         let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX).max(1);
-        let r = self.inner.clone().begin(pb::BeginRequest { timeout_ms: ms }).await.map_err(|s| {
-            if transient(&s) { ClientError::Unavailable(s.message().to_owned()) } else { ClientError::Refused(s) }
-        })?;
+        let r = self
+            .inner
+            .clone()
+            .begin(pb::BeginRequest { timeout_ms: ms })
+            .await
+            .map_err(|s| if transient(&s) { ClientError::Unavailable(s.message().to_owned()) } else { ClientError::Refused(s) })?;
         let r = r.into_inner();
         let id = r.txn_id.parse::<TxnId>().map_err(|e| ClientError::Protocol(e.to_string()))?;
         Ok(Transaction { id, deadline: UnixMillis(r.deadline_unix_ms), client: self.clone() })
@@ -120,9 +123,12 @@ impl TxnClient {
 
     /// What the coordinator knows about `txn`.
     pub async fn status(&self, txn: TxnId) -> Result<pb::StatusResponse, ClientError> {
-        self.inner.clone().status(pb::StatusRequest { txn_id: txn.to_string() }).await.map(|r| r.into_inner()).map_err(|s| {
-            if transient(&s) { ClientError::Unavailable(s.message().to_owned()) } else { ClientError::Refused(s) }
-        })
+        self.inner
+            .clone()
+            .status(pb::StatusRequest { txn_id: txn.to_string() })
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| if transient(&s) { ClientError::Unavailable(s.message().to_owned()) } else { ClientError::Refused(s) })
     }
 }
 

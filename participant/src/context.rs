@@ -122,7 +122,8 @@ where
                 Some(Ok(t)) => t,
                 _ => {
                     let text = String::from_utf8_lossy(raw.as_bytes()).chars().take(64).collect::<String>();
-                    let s = error(Code::InvalidArgument, reason::TXN_ID_MALFORMED, format!("malformed {TXN_METADATA_KEY} metadata {text:?}"));
+                    let s =
+                        error(Code::InvalidArgument, reason::TXN_ID_MALFORMED, format!("malformed {TXN_METADATA_KEY} metadata {text:?}"));
                     return Ok(s.into_http());
                 }
             };

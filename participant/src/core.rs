@@ -50,7 +50,13 @@ pub struct CoreConfig {
 
 impl Default for CoreConfig {
     fn default() -> Self {
-        CoreConfig { query_after_deadline_ms: 1_000, query_base_ms: 100, query_max_ms: 10_000, retention_ms: 600_000, seed: 0x5DEE_CE66_D1CE_4E5B }
+        CoreConfig {
+            query_after_deadline_ms: 1_000,
+            query_base_ms: 100,
+            query_max_ms: 10_000,
+            retention_ms: 600_000,
+            seed: 0x5DEE_CE66_D1CE_4E5B,
+        }
     }
 }
 
@@ -181,6 +187,8 @@ pub enum Timer {
     Query(TxnId),
     /// Forget a finished branch.
     Forget(TxnId),
+    /// Apply the known outcome again after a failed attempt.
+    RetryApply(TxnId),
 }
 
 /// What the core asks the driver to do.
@@ -299,6 +307,8 @@ pub enum Phase {
     Persisting,
     /// Durably prepared; waiting for the outcome.
     Prepared,
+    /// Releasing a read-only branch (nothing to commit or record).
+    Releasing,
     /// Applying commit.
     Committing,
     /// Committed.
@@ -321,11 +331,13 @@ struct Branch {
     /// The branch has a durable PREPARED record (so abort must be recorded).
     prepared: bool,
     queries: u32,
+    /// Failed attempts to apply the outcome.
+    apply_failures: u32,
 }
 
 impl Branch {
     fn new(phase: Phase, deadline: UnixMillis, epoch: u64) -> Self {
-        Branch { phase, deadline, epoch, waiters: Vec::new(), abort_pending: false, prepared: false, queries: 0 }
+        Branch { phase, deadline, epoch, waiters: Vec::new(), abort_pending: false, prepared: false, queries: 0, apply_failures: 0 }
     }
 }
 
@@ -360,7 +372,11 @@ impl Core {
 
     /// Branches that are prepared and waiting for the outcome.
     pub fn in_doubt(&self) -> Vec<TxnId> {
-        self.branches.iter().filter(|(_, b)| b.prepared && matches!(b.phase, Phase::Prepared | Phase::Committing)).map(|(t, _)| *t).collect()
+        self.branches
+            .iter()
+            .filter(|(_, b)| b.prepared && matches!(b.phase, Phase::Prepared | Phase::Committing))
+            .map(|(t, _)| *t)
+            .collect()
     }
 
     /// Loads the prepared log at start. Prepared branches ask the
@@ -379,10 +395,17 @@ impl Core {
                 }
                 Ok(BranchState::Committed) => {
                     b.phase = Phase::Committed;
-                    out.push(Effect::SetTimer { at: UnixMillis(r.updated_unix_ms).plus(self.config.retention_ms), timer: Timer::Forget(txn) });
+                    b.prepared = true;
+                    out.push(Effect::SetTimer {
+                        at: UnixMillis(r.updated_unix_ms).plus(self.config.retention_ms),
+                        timer: Timer::Forget(txn),
+                    });
                 }
                 _ => {
-                    out.push(Effect::SetTimer { at: UnixMillis(r.updated_unix_ms).plus(self.config.retention_ms).max(now), timer: Timer::Forget(txn) });
+                    out.push(Effect::SetTimer {
+                        at: UnixMillis(r.updated_unix_ms).plus(self.config.retention_ms).max(now),
+                        timer: Timer::Forget(txn),
+                    });
                 }
             }
             self.branches.insert(txn, b);
@@ -416,22 +439,19 @@ impl Core {
             Input::Abort { req, txn, epoch } => self.abort(&mut out, now, req, txn, epoch),
             Input::Applied { txn } => self.applied(&mut out, now, txn),
             Input::ApplyFailed { txn, error } => {
-                if let Some(b) = self.branches.get_mut(&txn) {
-                    let waiters = std::mem::take(&mut b.waiters);
-                    b.phase = match b.phase {
-                        Phase::Committing => Phase::Prepared,
-                        Phase::Aborting if b.prepared => Phase::Prepared,
-                        Phase::Aborting => Phase::Active,
-                        p => p,
-                    };
-                    for w in waiters {
+                if let Some(b) = self.branches.get_mut(&txn)
+                    && matches!(b.phase, Phase::Releasing | Phase::Committing | Phase::Aborting)
+                {
+                    // The outcome is known and never forgotten: keep the
+                    // phase and apply again after a backoff. Callers waiting
+                    // now hear "unavailable" and may retry.
+                    for w in std::mem::take(&mut b.waiters) {
                         out.push(reply(w, Reply::Error(CoreError::Unavailable(error.clone()))));
                     }
-                    if b.phase == Phase::Prepared {
-                        // Learn the outcome again rather than wait for the
-                        // coordinator's retry.
-                        out.push(Effect::SetTimer { at: now.plus(self.config.query_base_ms), timer: Timer::Query(txn) });
-                    }
+                    b.apply_failures += 1;
+                    let shift = b.apply_failures.min(16);
+                    let delay = self.config.query_base_ms.saturating_mul(1u64 << shift).min(self.config.query_max_ms);
+                    out.push(Effect::SetTimer { at: now.plus(delay), timer: Timer::RetryApply(txn) });
                 }
             }
             Input::Decided { txn, decision } => self.decided(&mut out, now, txn, decision),
@@ -501,7 +521,11 @@ impl Core {
         };
         if fresh {
             let refuse = if txn.epoch < self.max_epoch.max(epoch) {
-                Some(format!("stale transaction: coordinator epoch {} is past the transaction's epoch {}", self.max_epoch.max(epoch), txn.epoch))
+                Some(format!(
+                    "stale transaction: coordinator epoch {} is past the transaction's epoch {}",
+                    self.max_epoch.max(epoch),
+                    txn.epoch
+                ))
             } else if deadline.0 != 0 && now >= deadline {
                 Some("the transaction's deadline has passed".to_owned())
             } else if payload.is_none() && !self.branches.contains_key(&txn) {
@@ -530,8 +554,14 @@ impl Core {
         let Some(b) = self.branches.get_mut(&txn) else { return };
         match b.phase {
             Phase::Preparing | Phase::Persisting => b.waiters.push(req),
-            Phase::Prepared | Phase::Committing | Phase::Committed => {
+            Phase::Prepared | Phase::Committing | Phase::Committed if b.prepared => {
                 out.push(reply(req, Reply::Voted(SentVote::Yes(PreparedDurable { _private: () }))))
+            }
+            Phase::Releasing => out.push(reply(req, Reply::Voted(SentVote::ReadOnly))),
+            Phase::Prepared | Phase::Committing | Phase::Committed => {
+                // Unreachable by construction (these phases follow a durable
+                // PREPARED record); refuse rather than vote YES unproven.
+                out.push(reply(req, Reply::Voted(SentVote::No("the branch has no durable prepared record".into()))))
             }
             Phase::Aborting | Phase::Aborted => out.push(reply(req, Reply::Voted(SentVote::No("the transaction was aborted here".into())))),
             Phase::Joining | Phase::Active => out.push(reply(req, Reply::Voted(SentVote::No("enlistment is still in progress".into())))),
@@ -564,12 +594,18 @@ impl Core {
                 }
                 self.start_abort(out, now, txn, None);
             }
+            Vote::ReadOnly if b.abort_pending => {
+                for w in std::mem::take(&mut b.waiters) {
+                    out.push(reply(w, Reply::Voted(SentVote::No("the transaction was aborted while preparing".into()))));
+                }
+                self.start_abort(out, now, txn, None);
+            }
             Vote::ReadOnly => {
                 for w in std::mem::take(&mut b.waiters) {
                     out.push(reply(w, Reply::Voted(SentVote::ReadOnly)));
                 }
                 // Nothing to keep: release the resource and forget.
-                b.phase = Phase::Committing;
+                b.phase = Phase::Releasing;
                 out.push(Effect::Apply { txn, commit: true, record: None, synced: false });
             }
         }
@@ -611,7 +647,7 @@ impl Core {
                 out.push(Effect::Apply { txn, commit: true, record: Some(record(BranchState::Committed, b, now)), synced: true });
             }
             Phase::Committing => b.waiters.push(req),
-            Phase::Committed => out.push(reply(req, Reply::Acked)),
+            Phase::Committed | Phase::Releasing => out.push(reply(req, Reply::Acked)),
             p => out.push(reply(req, Reply::Error(CoreError::NotPrepared { txn, state: phase_name(p) }))),
         }
     }
@@ -640,7 +676,7 @@ impl Core {
                 out.push(reply(req, Reply::Acked));
             }
             Phase::Aborting => b.waiters.push(req),
-            Phase::Aborted => out.push(reply(req, Reply::Acked)),
+            Phase::Aborted | Phase::Releasing => out.push(reply(req, Reply::Acked)),
             Phase::Committing | Phase::Committed => out.push(reply(req, Reply::Error(CoreError::AlreadyCommitted(txn)))),
         }
     }
@@ -660,7 +696,7 @@ impl Core {
     fn applied(&mut self, out: &mut Vec<Effect>, now: UnixMillis, txn: TxnId) {
         let Some(b) = self.branches.get_mut(&txn) else { return };
         let done = match b.phase {
-            Phase::Committing if !b.prepared => {
+            Phase::Releasing => {
                 // Read-only branch released: nothing to remember.
                 let waiters = std::mem::take(&mut b.waiters);
                 self.branches.remove(&txn);
@@ -705,7 +741,7 @@ impl Core {
         match t {
             Timer::Deadline(txn) => {
                 if let Some(b) = self.branches.get(&txn)
-                    && matches!(b.phase, Phase::Active | Phase::Joining)
+                    && b.phase == Phase::Active
                     && now >= b.deadline
                 {
                     // Unprepared work past its deadline: the coordinator has
@@ -723,6 +759,20 @@ impl Core {
                     self.branches.remove(&txn);
                 }
             }
+            Timer::RetryApply(txn) => {
+                let Some(b) = self.branches.get(&txn) else { return };
+                let effect = match b.phase {
+                    Phase::Releasing => Effect::Apply { txn, commit: true, record: None, synced: false },
+                    Phase::Committing => {
+                        Effect::Apply { txn, commit: true, record: Some(record(BranchState::Committed, b, now)), synced: true }
+                    }
+                    Phase::Aborting => {
+                        Effect::Apply { txn, commit: false, record: Some(record(BranchState::Aborted, b, now)), synced: false }
+                    }
+                    _ => return,
+                };
+                out.push(effect);
+            }
         }
     }
 }
@@ -734,6 +784,7 @@ pub fn phase_name(p: Phase) -> &'static str {
         Phase::Active => "active, not prepared",
         Phase::Preparing | Phase::Persisting => "preparing",
         Phase::Prepared => "prepared",
+        Phase::Releasing => "read-only, releasing",
         Phase::Committing => "committing",
         Phase::Committed => "committed",
         Phase::Aborting => "aborting",

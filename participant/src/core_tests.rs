@@ -272,7 +272,7 @@ impl H {
     /// The Query timer set after a Pending/failed answer, checked to lie in
     /// the backoff window of the `n`-th such answer.
     fn expect_query_backoff(fx: &[Fx], now: UnixMillis, txn: TxnId, n: u32) {
-        let cap = QUERY_BASE.saturating_mul(1 << n.min(16)).min(QUERY_MAX).max(2);
+        let cap = QUERY_BASE.saturating_mul(1 << n.min(16)).clamp(2, QUERY_MAX);
         match fx {
             [Fx::Timer(when, Timer::Query(t))] => {
                 assert_eq!(*t, txn);
@@ -304,10 +304,7 @@ fn duplicate_join_while_joining_waits_and_all_are_joined() {
     let (r2, fx) = h.join(at(1), TX);
     assert_eq!(fx, vec![], "one Enlist per transaction");
     let fx = h.enlisted(at(5), TX, Ok(dl()));
-    assert_eq!(
-        fx,
-        vec![Fx::Reply(r1, R::Joined(dl())), Fx::Reply(r2, R::Joined(dl())), Fx::Timer(dl(), Timer::Deadline(TX))]
-    );
+    assert_eq!(fx, vec![Fx::Reply(r1, R::Joined(dl())), Fx::Reply(r2, R::Joined(dl())), Fx::Timer(dl(), Timer::Deadline(TX))]);
     assert_eq!(h.core.phase(TX), Some(Phase::Active));
     // Joined already: answered at once.
     let (r3, fx) = h.join(at(6), TX);
@@ -504,10 +501,7 @@ fn read_only_votes_read_only_releases_and_forgets() {
     let mut h = H::new();
     let r = h.preparing();
     let fx = h.voted(at(110), TX, Ok(Vote::ReadOnly));
-    assert_eq!(
-        fx,
-        vec![Fx::Reply(r, R::Voted(Vote::ReadOnly)), Fx::Apply { txn: TX, commit: true, record: None, synced: false }]
-    );
+    assert_eq!(fx, vec![Fx::Reply(r, R::Voted(Vote::ReadOnly)), Fx::Apply { txn: TX, commit: true, record: None, synced: false }]);
     assert!(h.core.in_doubt().is_empty());
     assert_eq!(h.applied(at(120), TX), vec![], "nothing to remember, no timer");
     assert_eq!(h.core.phase(TX), None);
@@ -960,30 +954,41 @@ fn persist_failed_when_not_persisting_is_ignored() {
     assert_eq!(h.core.phase(TX), Some(Phase::Prepared));
 }
 
+/// A failed apply keeps the known outcome: the branch stays Committing and
+/// applies again after a backoff; a retried Commit waits for that apply.
 #[test]
-fn apply_failed_on_commit_returns_to_prepared_and_retries() {
+fn apply_failed_on_commit_keeps_the_outcome_and_retries() {
     let mut h = H::new();
     let r = h.committing();
     let fx = h.apply_failed(at(205), TX, "resource busy");
-    assert_eq!(fx, vec![err(r, CoreError::Unavailable("resource busy".into())), Fx::Timer(at(205 + QUERY_BASE), Timer::Query(TX))]);
-    assert_eq!(h.core.phase(TX), Some(Phase::Prepared));
+    assert_eq!(
+        fx,
+        vec![err(r, CoreError::Unavailable("resource busy".into())), Fx::Timer(at(205 + 2 * QUERY_BASE), Timer::RetryApply(TX))]
+    );
+    assert_eq!(h.core.phase(TX), Some(Phase::Committing));
     assert_eq!(h.core.in_doubt(), vec![TX]);
-    // The coordinator's retry applies again.
+    // The coordinator's retry waits for the pending apply.
     let (r2, fx) = h.commit(at(250), TX);
-    assert_eq!(fx, vec![apply_commit(TX, dl(), EPOCH, at(250))]);
-    assert_eq!(h.applied(at(260), TX), vec![acked(r2), forget(at(260), TX)]);
+    assert_eq!(fx, vec![]);
+    assert_eq!(h.timer(at(405), Timer::RetryApply(TX)), vec![apply_commit(TX, dl(), EPOCH, at(405))]);
+    assert_eq!(h.applied(at(410), TX), vec![acked(r2), forget(at(410), TX)]);
 }
 
+/// The same for an abort of a prepared branch: it stays Aborting (it never
+/// goes back to Prepared, which could vote YES again) and retries.
 #[test]
-fn apply_failed_on_a_prepared_abort_returns_to_prepared() {
+fn apply_failed_on_a_prepared_abort_keeps_the_outcome_and_retries() {
     let mut h = H::new();
     let _ = h.prepared();
     let (r, _) = h.abort(at(200), TX);
     let fx = h.apply_failed(at(205), TX, "resource busy");
-    assert_eq!(fx, vec![err(r, CoreError::Unavailable("resource busy".into())), Fx::Timer(at(205 + QUERY_BASE), Timer::Query(TX))]);
-    assert_eq!(h.core.phase(TX), Some(Phase::Prepared));
-    assert_eq!(h.timer(at(205 + QUERY_BASE), Timer::Query(TX)), vec![Fx::Query(TX)]);
-    assert_eq!(h.decided(at(400), TX, Ok(Decision::Abort)), vec![apply_abort(TX, dl(), EPOCH, at(400))]);
+    assert_eq!(
+        fx,
+        vec![err(r, CoreError::Unavailable("resource busy".into())), Fx::Timer(at(205 + 2 * QUERY_BASE), Timer::RetryApply(TX))]
+    );
+    assert_eq!(h.core.phase(TX), Some(Phase::Aborting));
+    assert_eq!(h.timer(at(405), Timer::RetryApply(TX)), vec![apply_abort(TX, dl(), EPOCH, at(405))]);
+    assert_eq!(h.decided(at(406), TX, Ok(Decision::Commit)), vec![], "a decided branch ignores late answers");
 }
 
 #[test]
@@ -1002,10 +1007,9 @@ fn recover_of_prepared_records_asks_and_lists_them_in_doubt() {
     let mut h = H::new();
     let t1 = TxnId { epoch: 4, seq: 2 };
     let t2 = TxnId { epoch: 6, seq: 1 };
-    let fx = norm(h.core.recover(
-        T0,
-        vec![(t2, rec(BranchState::Prepared, dl(), 6, at(1))), (t1, rec(BranchState::Prepared, at(500), 4, at(2)))],
-    ));
+    let fx = norm(
+        h.core.recover(T0, vec![(t2, rec(BranchState::Prepared, dl(), 6, at(1))), (t1, rec(BranchState::Prepared, at(500), 4, at(2)))]),
+    );
     assert_eq!(fx, vec![Fx::Query(t2), Fx::Query(t1)]);
     assert_eq!(h.core.in_doubt(), vec![t1, t2]);
     assert_eq!(h.core.phase(t1), Some(Phase::Prepared));
@@ -1150,13 +1154,10 @@ fn independent_transactions_do_not_interfere() {
 // Suspected bugs (kept, ignored; see each reason)
 // ---------------------------------------------------------------------------
 
-/// Persist before vote: a read-only branch has no PREPARED record, yet while
-/// its release is being applied (phase Committing) a duplicate Prepare is
-/// answered `SentVote::Yes`, built from a witness the record never earned.
-/// Idempotency is broken as well: the first Prepare was answered READ_ONLY.
+/// Persist before vote and idempotency: a read-only branch has no PREPARED
+/// record, so while its release is applied a duplicate Prepare gets the
+/// first answer, READ_ONLY, never YES.
 #[test]
-#[ignore = "suspected bug: a duplicate Prepare for a read-only branch whose release is in progress is answered YES \
-            without any PREPARED record (first answer was READ_ONLY)"]
 fn read_only_branch_never_answers_yes_while_releasing() {
     let mut h = H::new();
     let r1 = h.preparing();
@@ -1167,13 +1168,9 @@ fn read_only_branch_never_answers_yes_while_releasing() {
     assert!(!fx.iter().any(|f| matches!(f, Fx::Persist(..))));
 }
 
-/// ApplyFailed for a read-only release (Committing with no PREPARED record)
-/// moves the branch to Prepared: it then answers YES to a duplicate Prepare,
-/// queries the coordinator, and on Commit writes a COMMITTED record for a
-/// branch that was never prepared.
+/// A failed read-only release is retried; the branch never becomes Prepared
+/// (which would vote YES and record a commit it never prepared).
 #[test]
-#[ignore = "suspected bug: ApplyFailed after a READ_ONLY vote moves the unprepared branch to Prepared; \
-            a duplicate Prepare is then answered YES without a PREPARED record"]
 fn failed_read_only_release_never_becomes_prepared() {
     let mut h = H::new();
     let _ = h.preparing();
@@ -1184,12 +1181,9 @@ fn failed_read_only_release_never_becomes_prepared() {
     assert!(!fx.contains(&yes(r)), "YES without a durable PREPARED record: {fx:?}");
 }
 
-/// ApplyFailed after a PersistFailed: the branch is marked `prepared` (the
-/// record may be on disk) and moves to Prepared, so a duplicate Prepare is
-/// answered YES although the log never reported the record durable.
+/// After a PersistFailed the branch aborts; if that apply fails too, a
+/// duplicate Prepare still gets NO: YES needs a record reported durable.
 #[test]
-#[ignore = "suspected bug: after PersistFailed then ApplyFailed the branch is Prepared and a duplicate Prepare is \
-            answered YES although the PREPARED record was never reported durable"]
 fn failed_persist_never_leads_to_yes() {
     let mut h = H::new();
     let r1 = h.persisting();
@@ -1201,27 +1195,22 @@ fn failed_persist_never_leads_to_yes() {
 }
 
 /// No hanging: Abort of an unknown branch answers Acked at once and leaves a
-/// tombstone; if applying that abort fails, ApplyFailed turns the tombstone
-/// into an Active branch (deadline 0, no timer, nobody retries), and a late
-/// Prepare with a payload is then accepted and takes locks.
+/// tombstone; if applying that abort fails, the tombstone stays (the apply is
+/// retried) and a late Prepare with a payload is still refused.
 #[test]
-#[ignore = "suspected bug: ApplyFailed on an abort of an unprepared branch returns it to Active; the tombstone of \
-            Abort-before-Prepare is lost and a late Prepare is accepted (ResourcePrepare)"]
 fn tombstone_survives_a_failed_apply() {
     let mut h = H::new();
     let (r, fx) = h.abort(at(100), TX);
     assert_eq!(fx, vec![apply_abort(TX, UnixMillis(0), EPOCH, at(100)), acked(r)]);
-    assert_eq!(h.apply_failed(at(110), TX, "resource busy"), vec![]);
+    assert_eq!(h.apply_failed(at(110), TX, "resource busy"), vec![Fx::Timer(at(110 + 2 * QUERY_BASE), Timer::RetryApply(TX))]);
     let (r, fx) = h.prepare(at(120), payload());
     assert_eq!(fx, vec![no(r, ABORTED_HERE)], "the abort was acknowledged; a late Prepare must take no locks");
 }
 
-/// Same root cause: after voting NO, a failed abort apply returns the branch
-/// to Active, and a duplicate Prepare runs the payload again instead of
-/// getting the first answer (NO).
+/// After voting NO, a failed abort apply keeps the branch aborting: a
+/// duplicate Prepare gets the first answer (NO) and the payload never runs
+/// again.
 #[test]
-#[ignore = "suspected bug: ApplyFailed after a NO vote returns the branch to Active; a duplicate Prepare re-runs \
-            the resource (ResourcePrepare) instead of answering NO again"]
 fn no_vote_survives_a_failed_apply() {
     let mut h = H::new();
     let r1 = h.preparing();
@@ -1232,11 +1221,9 @@ fn no_vote_survives_a_failed_apply() {
     assert!(matches!(fx.as_slice(), [Fx::Reply(r, R::Voted(Vote::No(_)))] if *r == r2), "expected NO again, got {fx:?}");
 }
 
-/// Same root cause, at Join: after an Abort of a joining branch whose apply
-/// fails, a new Join is answered Joined with deadline 0.
+/// After an Abort of a joining branch whose apply fails, a new Join is
+/// refused: the abort is not forgotten.
 #[test]
-#[ignore = "suspected bug: ApplyFailed on the abort of a joining branch returns it to Active; a later Join is \
-            answered Joined { deadline: 0 } for an aborted transaction"]
 fn aborted_join_survives_a_failed_apply() {
     let mut h = H::new();
     let _ = h.join(T0, TX);
@@ -1278,10 +1265,7 @@ impl Rng {
 fn seed_from_env_or_clock() -> u64 {
     match std::env::var("TWOPC_SEED") {
         Ok(s) => s.trim().parse().expect("TWOPC_SEED must be an unsigned integer"),
-        Err(_) => std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0x5EED),
+        Err(_) => std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0x5EED),
     }
 }
 
@@ -1298,7 +1282,7 @@ fn input_txn(input: &Input) -> TxnId {
         | Input::Applied { txn }
         | Input::ApplyFailed { txn, .. }
         | Input::Decided { txn, .. } => *txn,
-        Input::Timer(Timer::Deadline(txn) | Timer::Query(txn) | Timer::Forget(txn)) => *txn,
+        Input::Timer(Timer::Deadline(txn) | Timer::Query(txn) | Timer::Forget(txn) | Timer::RetryApply(txn)) => *txn,
     }
 }
 
@@ -1311,9 +1295,9 @@ struct Explorer {
     /// Durable was reported while the branch was Persisting (or recovered
     /// prepared): the only branches that may vote YES.
     durable: BTreeSet<TxnId>,
-    /// Voted READ_ONLY; see the ignored tests on read-only branches.
+    /// Voted READ_ONLY.
     read_only: BTreeSet<TxnId>,
-    /// Had a PersistFailed; see `failed_persist_never_leads_to_yes`.
+    /// Had a PersistFailed.
     persist_failed: BTreeSet<TxnId>,
     prepare_reqs: BTreeMap<ReqId, TxnId>,
     enlists: Vec<TxnId>,
@@ -1401,10 +1385,7 @@ impl Explorer {
                 Effect::Enlist { txn } => self.enlists.push(txn),
                 Effect::ResourcePrepare { txn, .. } => {
                     if let Some((_, before)) = cause {
-                        assert!(
-                            matches!(before, None | Some(Phase::Active)),
-                            "{ctx}: ResourcePrepare for {txn} in phase {before:?}"
-                        );
+                        assert!(matches!(before, None | Some(Phase::Active)), "{ctx}: ResourcePrepare for {txn} in phase {before:?}");
                     }
                     self.resource.push(txn);
                 }
@@ -1424,7 +1405,10 @@ impl Explorer {
                         }
                         (Some(r), false) => assert_eq!(r.state, BranchState::Aborted as i32, "{ctx}"),
                         (None, commit) => {
-                            assert!(commit && self.read_only.contains(&txn), "{ctx}: record-less apply of {txn} that is not a read-only release");
+                            assert!(
+                                commit && self.read_only.contains(&txn),
+                                "{ctx}: record-less apply of {txn} that is not a read-only release"
+                            );
                         }
                     }
                     // A prepared branch never decides alone.
@@ -1458,27 +1442,21 @@ impl Explorer {
             }
             10..=17 => {
                 if let Some(txn) = self.rng.take(&mut self.enlists) {
-                    let result = if self.rng.chance(80) {
-                        Ok(self.now.plus(self.rng.below(20_000)))
-                    } else {
-                        Err("enlistment closed".into())
-                    };
+                    let result =
+                        if self.rng.chance(80) { Ok(self.now.plus(self.rng.below(20_000))) } else { Err("enlistment closed".into()) };
                     self.apply(Input::Enlisted { txn, result });
                 }
             }
             18..=31 => {
-                // Known bug: see read_only_branch_never_answers_yes_while_releasing.
-                if !self.read_only.contains(&txn) {
-                    let req = self.req();
-                    let epoch = if self.rng.chance(85) { txn.epoch } else { 6 };
-                    let payload = if self.rng.chance(70) { Some(vec![1u8]) } else { None };
-                    let deadline = match self.rng.below(10) {
-                        0 => UnixMillis(0),
-                        1 => UnixMillis(self.now.0.saturating_sub(1)),
-                        _ => self.now.plus(1 + self.rng.below(20_000)),
-                    };
-                    self.apply(Input::Prepare { req, txn, epoch, payload, deadline });
-                }
+                let req = self.req();
+                let epoch = if self.rng.chance(85) { txn.epoch } else { 6 };
+                let payload = if self.rng.chance(70) { Some(vec![1u8]) } else { None };
+                let deadline = match self.rng.below(10) {
+                    0 => UnixMillis(0),
+                    1 => UnixMillis(self.now.0.saturating_sub(1)),
+                    _ => self.now.plus(1 + self.rng.below(20_000)),
+                };
+                self.apply(Input::Prepare { req, txn, epoch, payload, deadline });
             }
             32..=43 => {
                 if let Some(txn) = self.rng.take(&mut self.resource) {
@@ -1502,10 +1480,7 @@ impl Explorer {
             }
             52..=61 => {
                 if let Some(txn) = self.rng.take(&mut self.applies) {
-                    // Known bugs: see failed_read_only_release_never_becomes_prepared
-                    // and failed_persist_never_leads_to_yes.
-                    let may_fail = !self.read_only.contains(&txn) && !self.persist_failed.contains(&txn);
-                    if may_fail && self.rng.chance(20) {
+                    if self.rng.chance(20) {
                         self.apply(Input::ApplyFailed { txn, error: "random apply error".into() });
                     } else {
                         self.apply(Input::Applied { txn });

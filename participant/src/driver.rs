@@ -20,7 +20,7 @@ use twopc_proto::pb::coordinator_client::CoordinatorClient;
 use twopc_proto::{Decision, ParticipantName, TxnId, UnixMillis, pb};
 use twopc_storage::{Batch, Durability, LogStore, wait};
 
-use crate::core::{Core, Effect, Input, ReqId, Reply};
+use crate::core::{Core, Effect, Input, Reply, ReqId};
 use crate::resource::Resource;
 
 /// Column family of the branch log.
@@ -193,11 +193,7 @@ impl Driver {
                 self.staged.remove(&txn);
                 self.internal(async move {
                     let mut batch = Batch::new();
-                    let r = if commit {
-                        parts.resource.commit(txn, &mut batch).await
-                    } else {
-                        parts.resource.abort(txn, &mut batch).await
-                    };
+                    let r = if commit { parts.resource.commit(txn, &mut batch).await } else { parts.resource.abort(txn, &mut batch).await };
                     if let Err(e) = r {
                         return Input::ApplyFailed { txn, error: e.0 };
                     }

@@ -172,7 +172,9 @@ pub enum KvOp {
 impl KvOp {
     fn key(&self) -> &[u8] {
         match self {
-            KvOp::Put { key, .. } | KvOp::Delete { key } | KvOp::Incr { key, .. } | KvOp::Check { key, .. } | KvOp::Exists { key, .. } => key,
+            KvOp::Put { key, .. } | KvOp::Delete { key } | KvOp::Incr { key, .. } | KvOp::Check { key, .. } | KvOp::Exists { key, .. } => {
+                key
+            }
         }
     }
 }
@@ -358,7 +360,7 @@ impl KvStore {
     }
 
     /// Every committed key starting with `prefix`, in order.
-    pub fn scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, KvError> {
+    pub fn scan(&self, prefix: &[u8]) -> Result<twopc_storage::Rows, KvError> {
         Ok(self.store()?.scan_prefix(CF_DATA, prefix)?)
     }
 
@@ -551,26 +553,26 @@ impl Resource for KvStore {
         let rows = store.scan_prefix(CF_STAGED, b"").map_err(|e| ResourceError(e.to_string()))?;
         let mut garbage = Batch::new();
         {
-        let mut st = self.state();
-        for (k, v) in rows {
-            let Some(txn) = k.get(..16).and_then(TxnId::from_key) else { continue };
-            let key = k[16..].to_vec();
-            if !prepared.contains(&txn) {
-                // Staged by a branch that aborted (its lazy cleanup was lost).
-                garbage.delete(CF_STAGED, k);
-                continue;
+            let mut st = self.state();
+            for (k, v) in rows {
+                let Some(txn) = k.get(..16).and_then(TxnId::from_key) else { continue };
+                let key = k[16..].to_vec();
+                if !prepared.contains(&txn) {
+                    // Staged by a branch that aborted (its lazy cleanup was lost).
+                    garbage.delete(CF_STAGED, k);
+                    continue;
+                }
+                let value = match v.split_first() {
+                    Some((1, rest)) => Some(rest.to_vec()),
+                    _ => None,
+                };
+                st.locks.insert(key.clone(), txn);
+                st.held.entry(txn).or_default().push(key.clone());
+                st.staged.entry(txn).or_default().insert(key, value);
             }
-            let value = match v.split_first() {
-                Some((1, rest)) => Some(rest.to_vec()),
-                _ => None,
-            };
-            st.locks.insert(key.clone(), txn);
-            st.held.entry(txn).or_default().push(key.clone());
-            st.staged.entry(txn).or_default().insert(key, value);
-        }
-        for t in prepared {
-            st.closed.insert(*t, Instant::now());
-        }
+            for t in prepared {
+                st.closed.insert(*t, Instant::now());
+            }
         }
         if !garbage.is_empty() {
             twopc_storage::wait(store.submit(garbage, twopc_storage::Durability::Lazy)).await.map_err(|e| ResourceError(e.to_string()))?;

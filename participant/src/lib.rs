@@ -42,6 +42,8 @@
 pub mod client;
 pub mod context;
 pub mod core;
+#[cfg(test)]
+mod core_tests;
 pub mod driver;
 pub mod kv;
 pub mod resource;
@@ -143,8 +145,7 @@ impl ParticipantBuilder {
         resource.attach(store.clone()).map_err(|e| Error::Resource(e.0))?;
 
         let records = driver::load_branches(store.as_ref()).map_err(Error::Storage)?;
-        let prepared: Vec<TxnId> =
-            records.iter().filter(|(_, r)| r.state == BranchState::Prepared as i32).map(|(t, _)| *t).collect();
+        let prepared: Vec<TxnId> = records.iter().filter(|(_, r)| r.state == BranchState::Prepared as i32).map(|(t, _)| *t).collect();
         resource.recover(&prepared).await.map_err(|e| Error::Resource(e.0))?;
         let mut core = core::Core::new(self.config);
         let recovery = core.recover(UnixMillis::now(), records);

@@ -21,7 +21,10 @@ impl ParticipantService {
     }
 
     async fn call(&self, make: impl FnOnce(u64) -> Input) -> Result<Reply, Status> {
-        self.handle.call(make).await.map_err(|_| error(Code::Unavailable, reason::PARTICIPANT_UNAVAILABLE, "the participant is shutting down"))
+        self.handle
+            .call(make)
+            .await
+            .map_err(|_| error(Code::Unavailable, reason::PARTICIPANT_UNAVAILABLE, "the participant is shutting down"))
     }
 }
 

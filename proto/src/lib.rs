@@ -88,9 +88,7 @@ pub struct UnixMillis(pub u64);
 impl UnixMillis {
     /// The wall clock now.
     pub fn now() -> Self {
-        let d = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
+        let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         UnixMillis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
     }
 
@@ -321,11 +319,8 @@ impl TryFrom<&pb::AbortReason> for AbortReason {
 
     fn try_from(r: &pb::AbortReason) -> Result<Self, Self::Error> {
         let code = AbortCode::parse(&r.code).ok_or_else(|| format!("unknown abort code {:?}", r.code))?;
-        let participant = if r.participant.is_empty() {
-            None
-        } else {
-            Some(ParticipantName::new(r.participant.clone()).map_err(|e| e.to_string())?)
-        };
+        let participant =
+            if r.participant.is_empty() { None } else { Some(ParticipantName::new(r.participant.clone()).map_err(|e| e.to_string())?) };
         Ok(AbortReason { code, participant, detail: r.detail.clone() })
     }
 }
@@ -458,7 +453,22 @@ mod tests {
 
     #[test]
     fn txn_id_rejects_every_non_canonical_spelling() {
-        for bad in ["", "tx-", "tx-1", "tx-1-", "tx--1", "tx-01-2", "tx-1-02", "tx-0-1", "tx-1-0", "TX-1-2", "tx-1-2-3", "tx-+1-2", "tx-1-99999999999999999999", " tx-1-2"] {
+        for bad in [
+            "",
+            "tx-",
+            "tx-1",
+            "tx-1-",
+            "tx--1",
+            "tx-01-2",
+            "tx-1-02",
+            "tx-0-1",
+            "tx-1-0",
+            "TX-1-2",
+            "tx-1-2-3",
+            "tx-+1-2",
+            "tx-1-99999999999999999999",
+            " tx-1-2",
+        ] {
             assert!(bad.parse::<TxnId>().is_err(), "{bad:?} must be rejected");
         }
         assert_eq!(TxnId::from_key(&[0; 15]), None);

@@ -34,6 +34,9 @@ pub mod conformance;
 /// A column family name. Each user of the store declares its own.
 pub type Cf = &'static str;
 
+/// Key-value rows read back from a column family, in key order.
+pub type Rows = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// Errors of the store. All of them mean the store cannot be trusted to
 /// persist anything further: callers treat them as fatal for the write and
 /// answer `Unavailable`, never as a successful write.
@@ -154,7 +157,7 @@ pub trait LogStore: Send + Sync + 'static {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError>;
     /// Reads every key of a column family whose key starts with `prefix`, in
     /// key order.
-    fn scan_prefix(&self, cf: Cf, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError>;
+    fn scan_prefix(&self, cf: Cf, prefix: &[u8]) -> Result<Rows, StorageError>;
     /// Writer counters so far.
     fn stats(&self) -> WriterStats;
 }
@@ -239,14 +242,7 @@ impl RocksStore {
                 .spawn(move || writer_loop(&db, &rx, &counters))
                 .map_err(|e| StorageError::Rocks(format!("spawn writer: {e}")))?
         };
-        Ok(RocksStore {
-            inner: Arc::new(RocksInner {
-                db,
-                tx: Mutex::new(Some(tx)),
-                writer: Mutex::new(Some(writer)),
-                counters,
-            }),
-        })
+        Ok(RocksStore { inner: Arc::new(RocksInner { db, tx: Mutex::new(Some(tx)), writer: Mutex::new(Some(writer)), counters }) })
     }
 }
 
@@ -323,7 +319,7 @@ impl LogStore for RocksStore {
         self.inner.db.get_cf(h, key).map_err(|e| StorageError::Rocks(e.to_string()))
     }
 
-    fn scan_prefix(&self, cf: Cf, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+    fn scan_prefix(&self, cf: Cf, prefix: &[u8]) -> Result<Rows, StorageError> {
         let h = handle(&self.inner.db, cf)?;
         let mode = rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward);
         let mut out = Vec::new();
@@ -348,12 +344,14 @@ fn op_cf(op: &Op) -> Cf {
     }
 }
 
+type MemData = BTreeMap<(Cf, Vec<u8>), Vec<u8>>;
+
 /// An in-memory store with the same contract, for tests and simulations.
 /// Every write is "durable" as soon as it is applied.
 #[derive(Clone)]
 pub struct MemStore {
     cfs: Arc<Vec<Cf>>,
-    data: Arc<Mutex<BTreeMap<(Cf, Vec<u8>), Vec<u8>>>>,
+    data: Arc<Mutex<MemData>>,
     counters: Arc<Counters>,
 }
 
@@ -403,7 +401,7 @@ impl LogStore for MemStore {
         Ok(data.get(&(cf, key.to_vec())).cloned())
     }
 
-    fn scan_prefix(&self, cf: Cf, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+    fn scan_prefix(&self, cf: Cf, prefix: &[u8]) -> Result<Rows, StorageError> {
         let cf = self.check(cf)?;
         let data = self.data.lock().map_err(|_| StorageError::Closed)?;
         Ok(data

@@ -42,15 +42,13 @@ async fn start(dir: &Path) -> (Proc, Vec<Proc>) {
     .expect("coordinator starts");
     let mut ps = Vec::new();
     for role in ["wallet", "orders"] {
-        let args: Vec<String> = vec![
-            "--role".into(),
-            role.into(),
-            "--data-dir".into(),
-            dir.join(role).display().to_string(),
-            "--coordinator".into(),
-            c.url(),
-        ];
-        ps.push(Proc::start(role, &binary("shop-service").expect("built"), &args, &dir.join(format!("{role}.log")), within).await.expect("service starts"));
+        let args: Vec<String> =
+            vec!["--role".into(), role.into(), "--data-dir".into(), dir.join(role).display().to_string(), "--coordinator".into(), c.url()];
+        ps.push(
+            Proc::start(role, &binary("shop-service").expect("built"), &args, &dir.join(format!("{role}.log")), within)
+                .await
+                .expect("service starts"),
+        );
     }
     (c, ps)
 }
@@ -98,7 +96,11 @@ async fn cli_execute_status_and_errors() {
     assert!(one_line(&unreachable.stderr) && unreachable.stderr.contains("cannot reach"), "{}", unreachable.stderr);
 
     // The daemon refuses bad flags with one line and a non-zero exit.
-    let bad = tokio::process::Command::new(binary("twopc-coordinator").expect("built")).args(["--listen", "nonsense"]).output().await.expect("runs");
+    let bad = tokio::process::Command::new(binary("twopc-coordinator").expect("built"))
+        .args(["--listen", "nonsense"])
+        .output()
+        .await
+        .expect("runs");
     assert_ne!(bad.status.code(), Some(0));
 
     for p in ps.iter_mut() {

@@ -20,7 +20,14 @@ async fn three_participants_commit_via_execute() {
     let (c, ps) = cluster(&["wallet", "orders", "inventory"]).await;
     let f = c
         .client()
-        .execute(exec_branches(&[("wallet", "put balance/a 70"), ("orders", "put order/1 x; incr revenue 30"), ("inventory", "put stock/lamp 9")]), Duration::from_secs(5))
+        .execute(
+            exec_branches(&[
+                ("wallet", "put balance/a 70"),
+                ("orders", "put order/1 x; incr revenue 30"),
+                ("inventory", "put stock/lamp 9"),
+            ]),
+            Duration::from_secs(5),
+        )
         .await
         .expect("execute");
     assert_eq!(f.outcome, Outcome::Committed);
@@ -148,7 +155,11 @@ async fn late_enlistment_is_refused() {
     assert_eq!(status::reason(&late).as_deref(), Some(reason::JOIN_REFUSED));
     let direct = c
         .raw()
-        .enlist(tp::EnlistRequest { txn_id: txn.id().to_string(), participant: "wallet".into(), endpoint: format!("http://{}", ps[0].addr) })
+        .enlist(tp::EnlistRequest {
+            txn_id: txn.id().to_string(),
+            participant: "wallet".into(),
+            endpoint: format!("http://{}", ps[0].addr),
+        })
         .await
         .expect_err("refused");
     assert_eq!(direct.code(), Code::FailedPrecondition);
@@ -237,4 +248,15 @@ async fn decisions_and_ids_survive_a_coordinator_restart() {
     let r = status::abort_reason(&presumed).expect("an aborted outcome");
     assert_eq!(r.code, AbortCode::PresumedAbort, "a transaction the restarted coordinator never decided is presumed aborted");
     p.stop().await;
+}
+
+/// Operations: the coordinator answers gRPC health checks on its API port.
+#[tokio::test]
+async fn coordinator_reports_serving_to_health_checks() {
+    let c = TestCoordinator::start(|_| {}).await;
+    let channel = tonic::transport::Endpoint::from_shared(c.url()).expect("url").connect_lazy();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let r =
+        health.check(tonic_health::pb::HealthCheckRequest { service: "twopc.v1.Coordinator".into() }).await.expect("health check answers");
+    assert_eq!(r.get_ref().status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
 }

@@ -114,11 +114,9 @@ fn failure(s: tonic::Status, txn: Option<&str>) -> Failure {
     }
     let msg = match s.code() {
         Code::Unavailable => format!("coordinator unavailable: {}", s.message()),
-        Code::DeadlineExceeded | Code::Cancelled | Code::Unknown if txn.is_some() => format!(
-            "outcome unknown ({}); ask with: twopc status {}",
-            s.message(),
-            txn.unwrap_or_default()
-        ),
+        Code::DeadlineExceeded | Code::Cancelled | Code::Unknown if txn.is_some() => {
+            format!("outcome unknown ({}); ask with: twopc status {}", s.message(), txn.unwrap_or_default())
+        }
         _ => match status::reason(&s) {
             Some(r) => format!("{} ({r})", s.message()),
             None => s.message().to_owned(),
@@ -141,8 +139,7 @@ async fn run(cli: Cli) -> Result<String, Failure> {
         Command::Execute { branches, timeout } => {
             let mut bs = Vec::new();
             for b in branches {
-                let (name, payload) =
-                    b.split_once('=').ok_or_else(|| Failure::Error(format!("branch {b:?} is not NAME=PAYLOAD")))?;
+                let (name, payload) = b.split_once('=').ok_or_else(|| Failure::Error(format!("branch {b:?} is not NAME=PAYLOAD")))?;
                 bs.push(pb::Branch { participant: name.to_owned(), payload: payload.as_bytes().to_vec() });
             }
             let r = c.execute(pb::ExecuteRequest { branches: bs, timeout_ms: ms(timeout) }).await.map_err(|s| failure(s, None))?;
@@ -223,7 +220,14 @@ fn render_status(s: &pb::StatusResponse, json: bool) -> String {
             })
             .collect();
         let reason = reason
-            .map(|r| format!("{{\"code\":{},\"participant\":{},\"detail\":{}}}", json_str(&r.code), json_str(&r.participant), json_str(&r.detail)))
+            .map(|r| {
+                format!(
+                    "{{\"code\":{},\"participant\":{},\"detail\":{}}}",
+                    json_str(&r.code),
+                    json_str(&r.participant),
+                    json_str(&r.detail)
+                )
+            })
             .unwrap_or_else(|| "null".into());
         return format!(
             "{{\"txn_id\":{},\"state\":\"{}\",\"finished\":{},\"presumed\":{},\"deadline_unix_ms\":{},\"abort_reason\":{},\"participants\":[{}]}}",

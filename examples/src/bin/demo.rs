@@ -221,7 +221,10 @@ async fn place_via_execute(client: &TxnClient, o: &Order) -> Result_ {
                 m = o.amount
             ),
         ),
-        ("inventory", format!("incr stock/{s} -{q}; check stock/{s} >= 0; put reserved/{id} {s},{q}", s = o.sku, q = o.quantity, id = o.id)),
+        (
+            "inventory",
+            format!("incr stock/{s} -{q}; check stock/{s} >= 0; put reserved/{id} {s},{q}", s = o.sku, q = o.quantity, id = o.id),
+        ),
     ];
     match client.execute(branches.iter().map(|(n, p)| (*n, p.as_bytes().to_vec())), Duration::from_secs(10)).await {
         Ok(f) => match f.outcome {
@@ -263,7 +266,9 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     );
     let client = TxnClient::connect_lazy(&cluster.coordinator.url()).map_err(|e| anyhow::anyhow!("{e}"))?;
     let channels: [Channel; 3] = [0, 1, 2].map(|i| {
-        tonic::transport::Endpoint::from_shared(cluster.services[i].url()).map(|e| e.connect_lazy()).expect("a listening address is a valid endpoint")
+        tonic::transport::Endpoint::from_shared(cluster.services[i].url())
+            .map(|e| e.connect_lazy())
+            .expect("a listening address is a valid endpoint")
     });
 
     // Seed balances and stock in one atomic transaction.
@@ -271,8 +276,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let stock: Vec<String> = SKUS.iter().map(|(s, _)| format!("put stock/{s} {START_STOCK}")).collect();
     let seeded = client
         .execute(
-            [("wallet", balances.join("; ")), ("inventory", stock.join("; "))]
-                .map(|(n, p)| (n, p.into_bytes())),
+            [("wallet", balances.join("; ")), ("inventory", stock.join("; "))].map(|(n, p)| (n, p.into_bytes())),
             Duration::from_secs(10),
         )
         .await
@@ -288,9 +292,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
 
     let orders = make_orders(args.orders, seed);
     let bar = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(orders.len() as u64) };
-    bar.set_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} orders  {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} orders  {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()));
     let results: Arc<Mutex<Vec<(Order, Result_, Duration)>>> = Arc::default();
     let sem = Arc::new(tokio::sync::Semaphore::new(args.concurrency.max(1)));
     let started = Instant::now();
@@ -347,7 +349,13 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     }
     let aborted: usize = reasons.values().sum();
     println!("\n== summary ==");
-    println!("orders: {} in {:.2}s ({:.0}/s) at concurrency {}", results.len(), elapsed.as_secs_f64(), results.len() as f64 / elapsed.as_secs_f64(), args.concurrency);
+    println!(
+        "orders: {} in {:.2}s ({:.0}/s) at concurrency {}",
+        results.len(),
+        elapsed.as_secs_f64(),
+        results.len() as f64 / elapsed.as_secs_f64(),
+        args.concurrency
+    );
     println!("  from code (begin, 3 calls, commit): {} committed, {} aborted", by_code.0, by_code.1);
     println!("  via one Execute call:               {} committed, {} aborted", by_exec.0, by_exec.1);
     println!("committed: {committed}");
@@ -385,11 +393,23 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let (w, o, i) = (&wallet.0, &orders_kv.0, &inventory.0);
     let balances: i64 = w.iter().filter(|(k, _)| k.starts_with("balance/")).map(|(k, _)| int(w, k)).sum();
     // Revenue: the amounts of the orders the order book holds.
-    let revenue: i64 =
-        o.iter().filter(|(k, _)| k.starts_with("order/")).map(|(_, v)| v.rsplit(',').next().and_then(|a| a.parse::<i64>().ok()).unwrap_or(0)).sum();
+    let revenue: i64 = o
+        .iter()
+        .filter(|(k, _)| k.starts_with("order/"))
+        .map(|(_, v)| v.rsplit(',').next().and_then(|a| a.parse::<i64>().ok()).unwrap_or(0))
+        .sum();
     let money = CUSTOMERS as i64 * START_BALANCE;
-    check("money conserved", balances + revenue == money, format!("{balances} in balances + {revenue} in orders = {} (started with {money})", balances + revenue));
-    let negative: Vec<&String> = w.iter().chain(i.iter()).filter(|(k, v)| (k.starts_with("balance/") || k.starts_with("stock/")) && v.starts_with('-')).map(|(k, _)| k).collect();
+    check(
+        "money conserved",
+        balances + revenue == money,
+        format!("{balances} in balances + {revenue} in orders = {} (started with {money})", balances + revenue),
+    );
+    let negative: Vec<&String> = w
+        .iter()
+        .chain(i.iter())
+        .filter(|(k, v)| (k.starts_with("balance/") || k.starts_with("stock/")) && v.starts_with('-'))
+        .map(|(k, _)| k)
+        .collect();
     check("no negative balance or stock", negative.is_empty(), format!("{} negative", negative.len()));
     let mut stock_ok = true;
     let mut stock_detail = Vec::new();
@@ -427,13 +447,21 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             matched += 1;
         }
         if !consistent {
-            mismatched.push(format!("{} told {:?} but present in orders/wallet/inventory = {present:?}", ord.id, told.get(ord.id.as_str())));
+            mismatched.push(format!(
+                "{} told {:?} but present in orders/wallet/inventory = {present:?}",
+                ord.id,
+                told.get(ord.id.as_str())
+            ));
         }
     }
     check(
         "every order is in all three services or in none, as the client was told",
         mismatched.is_empty(),
-        format!("{matched} orders applied everywhere, {} applied nowhere, {} inconsistent", results.len() - matched - mismatched.len(), mismatched.len()),
+        format!(
+            "{matched} orders applied everywhere, {} applied nowhere, {} inconsistent",
+            results.len() - matched - mismatched.len(),
+            mismatched.len()
+        ),
     );
     for m in mismatched.iter().take(10) {
         println!("      {m}");
