@@ -22,7 +22,7 @@
 //!   stale inputs (votes, acks, timers for a transaction in another state)
 //!   are ignored.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use twopc_proto::logpb::{DecisionRecord, LoggedParticipant};
 use twopc_proto::{AbortCode, AbortReason, Decision, Outcome, ParticipantName, TxnId, UnixMillis, Vote};
@@ -81,6 +81,9 @@ pub enum TxnState {
     Committed,
     /// Decided abort.
     Aborted,
+    /// Finished longer ago than the retention period; the outcome is no
+    /// longer held.
+    Forgotten,
 }
 
 /// Proof that a transaction's COMMIT decision is durable. Only this module
@@ -152,6 +155,15 @@ pub enum Input {
         req: ReqId,
         /// The transaction.
         txn: TxnId,
+    },
+    /// An operator lists transactions.
+    List {
+        /// Caller to answer.
+        req: ReqId,
+        /// Only transactions past phase one and not finished.
+        in_doubt_only: bool,
+        /// Most transactions to return (oldest first).
+        limit: usize,
     },
     /// A prepared participant asks for the outcome.
     QueryDecision {
@@ -239,6 +251,15 @@ pub enum Effect {
         /// fsync before reporting.
         synced: bool,
     },
+    /// Delete a finished transaction's decision record and persist the
+    /// garbage-collection horizon (lazily: losing it only keeps a record
+    /// longer).
+    ForgetDecision {
+        /// The transaction.
+        txn: TxnId,
+        /// The new horizon.
+        horizon: TxnId,
+    },
     /// Send Prepare and report [`Input::Voted`].
     SendPrepare {
         /// The transaction.
@@ -303,6 +324,8 @@ pub enum Reply {
     Status(TxnStatus),
     /// QueryDecision.
     Decision(Decision),
+    /// List.
+    List(TxnList),
     /// The request cannot be carried out.
     Error(CoreError),
 }
@@ -332,6 +355,9 @@ pub enum CoreError {
         /// Allowed.
         max_ms: u64,
     },
+    /// The transaction finished longer ago than the retention period.
+    #[error("transaction {0} finished longer ago than the retention period; its outcome is no longer held")]
+    Forgotten(TxnId),
     /// The decision log failed; the outcome is unknown until recovery.
     #[error("the decision log failed ({0}); the outcome is unknown until the coordinator recovers")]
     LogFailed(String),
@@ -352,6 +378,17 @@ pub struct ParticipantStatus {
     pub retries: u32,
 }
 
+/// What List reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TxnList {
+    /// The transactions, oldest first.
+    pub transactions: Vec<TxnStatus>,
+    /// Transactions past phase one whose phase two is not finished.
+    pub in_doubt: usize,
+    /// Age of the oldest of those, in milliseconds (0 when none).
+    pub oldest_in_doubt_ms: u64,
+}
+
 /// What Status reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TxnStatus {
@@ -367,6 +404,9 @@ pub struct TxnStatus {
     pub deadline: Option<UnixMillis>,
     /// Phase two finished everywhere.
     pub finished: bool,
+    /// Milliseconds since it began (or was decided, if recovered); 0 when
+    /// not held.
+    pub age_ms: u64,
     /// Answered from the presumed-abort rule or the compact committed set,
     /// without details.
     pub presumed: bool,
@@ -389,6 +429,8 @@ struct Branch {
 struct Txn {
     state: TxnState,
     deadline: UnixMillis,
+    /// When it began (or, recovered, when it was decided).
+    created: UnixMillis,
     participants: BTreeMap<ParticipantName, Branch>,
     /// Commit/Execute callers waiting for the outcome.
     waiters: Vec<ReqId>,
@@ -404,8 +446,11 @@ pub struct Core {
     epoch: u64,
     next_seq: u64,
     txns: BTreeMap<TxnId, Txn>,
-    /// Committed and finished transactions whose details were dropped.
-    committed: BTreeSet<TxnId>,
+    /// The highest id whose decision record was garbage-collected. A
+    /// transaction at or below it that the core no longer holds may have
+    /// committed long ago; one above it that the core does not hold never
+    /// committed (presumed abort).
+    horizon: Option<TxnId>,
     rng: u64,
 }
 
@@ -415,7 +460,7 @@ impl Core {
     pub fn new(epoch: u64, config: CoreConfig) -> Self {
         assert!(epoch > 0, "epochs start at 1");
         let rng = config.seed | 1;
-        Core { config, epoch, next_seq: 1, txns: BTreeMap::new(), committed: BTreeSet::new(), rng }
+        Core { config, epoch, next_seq: 1, txns: BTreeMap::new(), horizon: None, rng }
     }
 
     /// This run's epoch.
@@ -429,37 +474,46 @@ impl Core {
     }
 
     /// Loads the decision log at start. Every COMMIT not ended resumes
-    /// delivery; ended ones are remembered as committed. Returns the effects
-    /// that resume phase two.
-    pub fn recover(&mut self, now: UnixMillis, records: Vec<(TxnId, DecisionRecord)>) -> Vec<Effect> {
+    /// delivery; ended ones are held (answering Status and QueryDecision)
+    /// until their retention ends and they are forgotten. `horizon` is the
+    /// persisted garbage-collection horizon. Returns the effects that resume
+    /// phase two and schedule forgetting.
+    pub fn recover(&mut self, now: UnixMillis, records: Vec<(TxnId, DecisionRecord)>, horizon: Option<TxnId>) -> Vec<Effect> {
         let mut out = Vec::new();
+        self.horizon = horizon;
         for (txn, record) in records {
-            if record.ended {
-                self.committed.insert(txn);
-                continue;
-            }
             let mut participants = BTreeMap::new();
             for p in record.participants {
                 let Ok(name) = ParticipantName::new(p.name) else { continue };
-                participants.insert(
-                    name,
-                    Branch {
-                        endpoint: p.endpoint,
-                        payload: None,
-                        vote: Some(Vote::Yes),
-                        acked: false,
-                        retries: 0,
-                        delivering: false,
-                        retry_scheduled: false,
-                    },
-                );
+                let branch = Branch {
+                    endpoint: p.endpoint,
+                    payload: None,
+                    vote: Some(Vote::Yes),
+                    acked: record.ended,
+                    retries: 0,
+                    delivering: false,
+                    retry_scheduled: false,
+                };
+                participants.insert(name, branch);
             }
-            self.txns.insert(
-                txn,
-                Txn { state: TxnState::Committed, deadline: now, participants, waiters: Vec::new(), abort_reason: None, finished: false },
-            );
-            // The record was read back from the log: it is durable.
-            self.send_phase_two(&mut out, now, txn, PhaseTwo::Commit(DecisionDurable { _private: () }));
+            let decided = UnixMillis(record.decided_unix_ms);
+            let t = Txn {
+                state: TxnState::Committed,
+                deadline: decided,
+                created: decided,
+                participants,
+                waiters: Vec::new(),
+                abort_reason: None,
+                finished: record.ended,
+            };
+            self.txns.insert(txn, t);
+            if record.ended {
+                let at = decided.plus(self.config.retention_ms).max(now);
+                out.push(Effect::SetTimer { at, timer: Timer::Forget(txn) });
+            } else {
+                // The record was read back from the log: it is durable.
+                self.send_phase_two(&mut out, now, txn, PhaseTwo::Commit(DecisionDurable { _private: () }));
+            }
         }
         out
     }
@@ -503,18 +557,35 @@ impl Core {
                 }
             }
             Input::Status { req, txn } => {
-                let r = self.status(txn);
+                let r = self.status(now, txn);
                 out.push(reply(req, r));
+            }
+            Input::List { req, in_doubt_only, limit } => {
+                let doubtful: Vec<TxnId> = self.txns.iter().filter(|(_, t)| in_doubt(t)).map(|(id, _)| *id).collect();
+                let oldest_in_doubt_ms =
+                    doubtful.iter().filter_map(|id| self.txns.get(id)).map(|t| now.0.saturating_sub(t.created.0)).max().unwrap_or(0);
+                let transactions = self
+                    .txns
+                    .iter()
+                    .filter(|(_, t)| !in_doubt_only || in_doubt(t))
+                    .take(limit)
+                    .filter_map(|(id, _)| match self.status(now, *id) {
+                        Reply::Status(s) => Some(s),
+                        _ => None,
+                    })
+                    .collect();
+                out.push(reply(req, Reply::List(TxnList { transactions, in_doubt: doubtful.len(), oldest_in_doubt_ms })));
             }
             Input::QueryDecision { req, txn } => {
                 let d = match self.txns.get(&txn) {
                     Some(t) => match t.state {
                         TxnState::Active | TxnState::Preparing | TxnState::Deciding => Decision::Pending,
                         TxnState::Committed => Decision::Commit,
-                        TxnState::Aborted => Decision::Abort,
+                        TxnState::Aborted | TxnState::Forgotten => Decision::Abort,
                     },
-                    None if self.committed.contains(&txn) => Decision::Commit,
-                    // Presumed abort: no record of a commit means abort.
+                    // Presumed abort: no record of a commit means abort. (A
+                    // forgotten commit is never asked about: every
+                    // participant acknowledged it before it was forgotten.)
                     None => Decision::Abort,
                 };
                 out.push(reply(req, Reply::Decision(d)));
@@ -539,6 +610,12 @@ impl Core {
         out
     }
 
+    /// Not held, and at or below the horizon: it may have committed and been
+    /// garbage-collected, so its outcome is no longer known.
+    fn forgotten(&self, txn: TxnId) -> bool {
+        !self.txns.contains_key(&txn) && self.horizon.is_some_and(|h| txn <= h)
+    }
+
     fn issued(&self, txn: TxnId) -> bool {
         txn.epoch < self.epoch || (txn.epoch == self.epoch && txn.seq < self.next_seq)
     }
@@ -557,7 +634,7 @@ impl Core {
         self.next_seq += 1;
         let deadline = now.plus(timeout);
         self.txns
-            .insert(txn, Txn { state: TxnState::Active, deadline, participants, waiters: Vec::new(), abort_reason: None, finished: false });
+            .insert(txn, Txn { state: TxnState::Active, deadline, created: now, participants, waiters: Vec::new(), abort_reason: None, finished: false });
         Ok((txn, deadline, Effect::SetTimer { at: deadline, timer: Timer::Deadline(txn) }))
     }
 
@@ -602,8 +679,8 @@ impl Core {
 
     fn commit(&mut self, out: &mut Vec<Effect>, now: UnixMillis, req: ReqId, txn: TxnId) {
         let Some(t) = self.txns.get_mut(&txn) else {
-            let r = if self.committed.contains(&txn) {
-                Reply::Outcome { txn, outcome: Outcome::Committed }
+            let r = if self.forgotten(txn) {
+                Reply::Error(CoreError::Forgotten(txn))
             } else if self.issued(txn) {
                 Reply::Outcome { txn, outcome: Outcome::Aborted(presumed_reason()) }
             } else {
@@ -641,7 +718,7 @@ impl Core {
             }
             TxnState::Preparing | TxnState::Deciding => t.waiters.push(req),
             TxnState::Committed => out.push(reply(req, Reply::Outcome { txn, outcome: Outcome::Committed })),
-            TxnState::Aborted => {
+            TxnState::Aborted | TxnState::Forgotten => {
                 let reason = t.abort_reason.clone().unwrap_or_else(presumed_reason);
                 out.push(reply(req, Reply::Outcome { txn, outcome: Outcome::Aborted(reason) }));
             }
@@ -655,9 +732,10 @@ impl Core {
                 self.abort(out, now, txn, AbortReason::new(AbortCode::AbortedByClient, detail));
                 Reply::Aborted { txn }
             }
-            Some(TxnState::Aborted) => Reply::Aborted { txn },
+            // (Forgotten is only ever reported, never held.)
+            Some(TxnState::Aborted | TxnState::Forgotten) => Reply::Aborted { txn },
             Some(TxnState::Deciding | TxnState::Committed) => Reply::Error(CoreError::AlreadyCommitted(txn)),
-            None if self.committed.contains(&txn) => Reply::Error(CoreError::AlreadyCommitted(txn)),
+            None if self.forgotten(txn) => Reply::Error(CoreError::Forgotten(txn)),
             None if self.issued(txn) => Reply::Aborted { txn },
             None => Reply::Error(CoreError::NotFound(txn)),
         };
@@ -873,8 +951,12 @@ impl Core {
                 if let Some(t) = self.txns.get(&txn)
                     && t.finished
                 {
-                    if t.state == TxnState::Committed {
-                        self.committed.insert(txn);
+                    if t.state == TxnState::Committed && t.participants.values().any(|b| b.vote == Some(Vote::Yes)) {
+                        // Its decision record goes too; raise the horizon
+                        // so Status never presumes it aborted.
+                        let horizon = self.horizon.map_or(txn, |h| h.max(txn));
+                        self.horizon = Some(horizon);
+                        out.push(Effect::ForgetDecision { txn, horizon });
                     }
                     self.txns.remove(&txn);
                 }
@@ -882,7 +964,7 @@ impl Core {
         }
     }
 
-    fn status(&self, txn: TxnId) -> Reply {
+    fn status(&self, now: UnixMillis, txn: TxnId) -> Reply {
         if let Some(t) = self.txns.get(&txn) {
             return Reply::Status(TxnStatus {
                 txn,
@@ -901,6 +983,7 @@ impl Core {
                     .collect(),
                 deadline: Some(t.deadline),
                 finished: t.finished,
+                age_ms: now.0.saturating_sub(t.created.0),
                 presumed: false,
             });
         }
@@ -911,16 +994,23 @@ impl Core {
             participants: Vec::new(),
             deadline: None,
             finished: true,
+            age_ms: 0,
             presumed: true,
         };
-        if self.committed.contains(&txn) {
-            Reply::Status(brief(TxnState::Committed, None))
+        if self.forgotten(txn) {
+            Reply::Status(brief(TxnState::Forgotten, None))
         } else if self.issued(txn) {
             Reply::Status(brief(TxnState::Aborted, Some(presumed_reason())))
         } else {
             Reply::Error(CoreError::NotFound(txn))
         }
     }
+}
+
+/// Past phase one and not finished: participants may be prepared and
+/// waiting for the outcome.
+fn in_doubt(t: &Txn) -> bool {
+    !t.finished && t.state != TxnState::Active
 }
 
 fn reply(req: ReqId, reply: Reply) -> Effect {

@@ -73,6 +73,7 @@ enum Fx {
     Prepare { txn: TxnId, to: ParticipantName, endpoint: String, payload: Option<Vec<u8>>, deadline: UnixMillis },
     Decide { txn: TxnId, to: ParticipantName, endpoint: String, commit: bool },
     Timer(UnixMillis, Timer),
+    ForgetDecision { txn: TxnId, horizon: TxnId },
 }
 
 fn norm(effects: Vec<Effect>) -> Vec<Fx> {
@@ -88,6 +89,7 @@ fn norm(effects: Vec<Effect>) -> Vec<Fx> {
                 Fx::Decide { txn, to: participant, endpoint, commit: matches!(decision, PhaseTwo::Commit(_)) }
             }
             Effect::SetTimer { at, timer } => Fx::Timer(at, timer),
+            Effect::ForgetDecision { txn, horizon } => Fx::ForgetDecision { txn, horizon },
         })
         .collect()
 }
@@ -242,6 +244,16 @@ impl H {
         match self.status(now, txn) {
             Reply::Status(s) => s,
             other => panic!("Status of {txn} failed: {other:?}"),
+        }
+    }
+
+    fn list(&mut self, now: UnixMillis, in_doubt_only: bool, limit: usize) -> TxnList {
+        let req = self.req();
+        let fx = self.step(now, Input::List { req, in_doubt_only, limit });
+        assert_eq!(fx.len(), 1, "List has only its reply: {fx:?}");
+        match the_reply(&fx, req) {
+            Reply::List(l) => l,
+            other => panic!("List answered {other:?}"),
         }
     }
 
@@ -535,6 +547,7 @@ fn commit_with_no_participants_commits_without_a_log_record() {
             participants: vec![],
             deadline: Some(deadline),
             finished: true,
+            age_ms: 6,
             presumed: false
         }
     );
@@ -630,9 +643,12 @@ fn all_read_only_commits_without_a_log_record() {
     let s = h.txn_status(at(161), txn);
     assert_eq!((s.state, s.finished, s.presumed), (TxnState::Committed, true, false));
     assert_eq!(h.core.unfinished(), 0);
-    // Forgotten: remembered as committed.
+    // Forgotten: there is no decision record to delete, so nothing is
+    // emitted. No participant can be waiting for it (read-only voters keep
+    // nothing prepared), and QueryDecision falls back to presumed abort.
     assert_eq!(h.timer(at(160).plus(RETENTION), Timer::Forget(txn)), vec![]);
-    assert_eq!(h.query(at(160).plus(RETENTION), txn), Decision::Commit);
+    assert_eq!(h.query(at(160).plus(RETENTION), txn), Decision::Abort);
+    assert_eq!(h.list(at(160).plus(RETENTION), false, 10), TxnList { transactions: vec![], in_doubt: 0, oldest_in_doubt_ms: 0 });
 }
 
 #[test]
@@ -772,25 +788,32 @@ fn commit_retried_after_the_outcome_returns_the_same_outcome() {
 #[test]
 fn commit_after_details_are_forgotten() {
     let mut h = H::new();
-    // Committed and forgotten: still Committed.
+    // Of an earlier run, before anything was forgotten: presumed aborted.
+    let old = TxnId { epoch: EPOCH - 1, seq: 9 };
+    let (req, fx) = h.commit(T0, old);
+    assert_eq!(fx, vec![aborted_fx(req, old, presumed_abort())]);
+
+    // Committed and forgotten: the record goes, the horizon rises to it, and
+    // the outcome is no longer known.
     let (txn, _) = h.committed(&["a"]);
     let fx = h.delivered(at(400), txn, "a", Ok(()));
-    assert_eq!(fx.len(), 2, "END record and Forget timer: {fx:?}");
-    assert_eq!(h.timer(at(400).plus(RETENTION), Timer::Forget(txn)), vec![]);
+    assert_eq!(fx, vec![Fx::Persist { txn, record: decision_record(&["a"], at(400), true), synced: false }, forget_fx(at(400), txn)]);
+    assert_eq!(h.timer(at(400).plus(RETENTION), Timer::Forget(txn)), vec![Fx::ForgetDecision { txn, horizon: txn }]);
     let (req, fx) = h.commit(at(400).plus(RETENTION), txn);
-    assert_eq!(fx, vec![committed_fx(req, txn)]);
+    assert_eq!(fx, vec![error_fx(req, CoreError::Forgotten(txn))]);
 
-    // Aborted and forgotten: presumed aborted.
+    // Aborted and forgotten above the horizon: presumed aborted.
     let (txn2, _) = h.begin_at(T0, 0);
+    assert!(txn2 > txn);
     let _ = h.abort(at(1), txn2, "");
     assert_eq!(h.timer(at(1).plus(RETENTION), Timer::Forget(txn2)), vec![]);
     let (req, fx) = h.commit(at(1).plus(RETENTION), txn2);
     assert_eq!(fx, vec![aborted_fx(req, txn2, presumed_abort())]);
 
-    // Of an earlier run: presumed aborted. Never issued: not found.
-    let old = TxnId { epoch: EPOCH - 1, seq: 9 };
-    let (req, fx) = h.commit(T0, old);
-    assert_eq!(fx, vec![aborted_fx(req, old, presumed_abort())]);
+    // Of an earlier run, now below the horizon: forgotten. Never issued (above
+    // the horizon): not found.
+    let (req, fx) = h.commit(at(1).plus(RETENTION), old);
+    assert_eq!(fx, vec![error_fx(req, CoreError::Forgotten(old))]);
     let never = TxnId { epoch: EPOCH, seq: 500 };
     let (req, fx) = h.commit(T0, never);
     assert_eq!(fx, vec![error_fx(req, CoreError::NotFound(never))]);
@@ -848,11 +871,15 @@ fn abort_after_commit_decided_is_already_committed() {
     assert!(has_commit_evidence(&h.durable(at(300), txn)));
     let (req, fx) = h.abort(at(350), txn, "");
     assert_eq!(fx, vec![error_fx(req, CoreError::AlreadyCommitted(txn))]);
-    // Finished and forgotten.
+    // Finished: still held.
     assert_eq!(h.delivered(at(400), txn, "a", Ok(())).len(), 2);
-    assert_eq!(h.timer(at(400).plus(RETENTION), Timer::Forget(txn)), vec![]);
-    let (req, fx) = h.abort(at(400).plus(RETENTION), txn, "");
+    let (req, fx) = h.abort(at(401), txn, "");
     assert_eq!(fx, vec![error_fx(req, CoreError::AlreadyCommitted(txn))]);
+    // Forgotten: the outcome is no longer known, so it is neither aborted
+    // nor reported committed.
+    assert_eq!(h.timer(at(400).plus(RETENTION), Timer::Forget(txn)), vec![Fx::ForgetDecision { txn, horizon: txn }]);
+    let (req, fx) = h.abort(at(400).plus(RETENTION), txn, "");
+    assert_eq!(fx, vec![error_fx(req, CoreError::Forgotten(txn))]);
     // A trivially committed one.
     let (txn2, _) = h.begin_at(T0, 0);
     let _ = h.commit(at(1), txn2);
@@ -921,7 +948,7 @@ fn failed_abort_delivery_retries_then_gives_up() {
 }
 
 #[test]
-fn acks_write_the_end_record_and_forget_moves_to_the_committed_set() {
+fn acks_write_the_end_record_and_forget_drops_the_decision_record() {
     let mut h = H::new();
     let (txn, _) = h.committed(&["a", "b"]);
     assert_eq!(h.core.unfinished(), 1);
@@ -931,30 +958,39 @@ fn acks_write_the_end_record_and_forget_moves_to_the_committed_set() {
     assert_eq!(fx, vec![Fx::Persist { txn, record: decision_record(&["a", "b"], at(410), true), synced: false }, forget_fx(at(410), txn)]);
     assert_eq!(h.core.unfinished(), 0);
     let s = h.txn_status(at(411), txn);
-    assert_eq!((s.state, s.finished, s.presumed), (TxnState::Committed, true, false));
+    assert_eq!((s.state, s.finished, s.presumed, s.age_ms), (TxnState::Committed, true, false, 411));
     assert!(s.participants.iter().all(|ps| ps.acknowledged));
+    assert_eq!(h.query(at(411), txn), Decision::Commit);
     // A late ack after finishing changes nothing.
     assert_eq!(h.delivered(at(420), txn, "b", Ok(())), vec![]);
 
     let later = at(410).plus(RETENTION);
-    assert_eq!(h.timer(later, Timer::Forget(txn)), vec![]);
+    assert_eq!(h.timer(later, Timer::Forget(txn)), vec![Fx::ForgetDecision { txn, horizon: txn }]);
     assert_eq!(
         h.txn_status(later, txn),
         TxnStatus {
             txn,
-            state: TxnState::Committed,
+            state: TxnState::Forgotten,
             abort_reason: None,
             participants: vec![],
             deadline: None,
             finished: true,
+            age_ms: 0,
             presumed: true
         }
     );
-    assert_eq!(h.query(later, txn), Decision::Commit);
-    // Everything about it is now stale.
+    // Every participant acknowledged before it was forgotten, so none asks;
+    // an unheld id is answered by presumed abort.
+    assert_eq!(h.query(later, txn), Decision::Abort);
+    assert_eq!(h.list(later, false, 10), TxnList { transactions: vec![], in_doubt: 0, oldest_in_doubt_ms: 0 });
+    // Everything about it is now stale; the record is deleted only once.
     assert_eq!(h.timer(later, Timer::Forget(txn)), vec![]);
     assert_eq!(h.delivered(later, txn, "a", Err("x".into())), vec![]);
+    assert_eq!(h.timer(later, Timer::Retry(txn, p("a"))), vec![]);
     assert_eq!(h.durable(later, txn), vec![]);
+    assert_eq!(h.vote(later, txn, "a", Ok(Vote::Yes)), vec![]);
+    let (req, fx) = h.enlist(later, txn, "a");
+    assert_eq!(fx, vec![error_fx(req, CoreError::EnlistmentClosed { txn, state: "finished" })]);
 }
 
 #[test]
@@ -1078,6 +1114,7 @@ fn status_of_older_epoch_unknown_is_presumed_aborted() {
             participants: vec![],
             deadline: None,
             finished: true,
+            age_ms: 0,
             presumed: true
         }
     );
@@ -1100,6 +1137,7 @@ fn status_reports_votes_and_retries() {
             ],
             deadline: Some(deadline),
             finished: false,
+            age_ms: 151,
             presumed: false,
         }
     );
@@ -1114,12 +1152,14 @@ fn recover_of_a_non_ended_record_resumes_commit_delivery() {
     let mut h = H::new();
     let txn = TxnId { epoch: EPOCH - 1, seq: 4 };
     let record = decision_record(&["b", "a"], UnixMillis(T0.0 - 5_000), false);
-    let fx = norm(h.core.recover(T0, vec![(txn, record)]));
+    let fx = norm(h.core.recover(T0, vec![(txn, record)], None));
     assert_eq!(fx, vec![commit_to(txn, "a"), commit_to(txn, "b")]);
     assert_eq!(h.core.unfinished(), 1);
     assert_eq!(h.query(at(1), txn), Decision::Commit);
     let s = h.txn_status(at(1), txn);
     assert_eq!((s.state, s.finished, s.presumed), (TxnState::Committed, false, false));
+    // Its age and deadline count from the decision.
+    assert_eq!((s.age_ms, s.deadline), (5_001, Some(UnixMillis(T0.0 - 5_000))));
     let (req, fx) = h.commit(at(2), txn);
     assert_eq!(fx, vec![committed_fx(req, txn)]);
     let (req, fx) = h.abort(at(3), txn, "");
@@ -1140,21 +1180,76 @@ fn recover_of_a_non_ended_record_resumes_commit_delivery() {
 }
 
 #[test]
-fn recover_of_an_ended_record_answers_commit() {
+fn recover_of_an_ended_record_holds_it_until_its_retention_ends() {
     let mut h = H::new();
     let txn = TxnId { epoch: EPOCH - 2, seq: 9 };
-    let fx = h.core.recover(T0, vec![(txn, decision_record(&["a"], UnixMillis(1), true))]);
-    assert!(fx.is_empty(), "{fx:?}");
+    let decided = UnixMillis(T0.0 - 1_000);
+    let fx = norm(h.core.recover(T0, vec![(txn, decision_record(&["b", "a"], decided, true))], None));
+    assert_eq!(fx, vec![Fx::Timer(decided.plus(RETENTION), Timer::Forget(txn))], "no phase two: every participant acknowledged");
     assert_eq!(h.core.unfinished(), 0);
     assert_eq!(h.query(T0, txn), Decision::Commit);
-    let s = h.txn_status(T0, txn);
-    assert_eq!((s.state, s.finished, s.presumed), (TxnState::Committed, true, true));
+    assert_eq!(
+        h.txn_status(at(5), txn),
+        TxnStatus {
+            txn,
+            state: TxnState::Committed,
+            abort_reason: None,
+            participants: vec![
+                ParticipantStatus { name: p("a"), endpoint: ep("a"), vote: Some(Vote::Yes), acknowledged: true, retries: 0 },
+                ParticipantStatus { name: p("b"), endpoint: ep("b"), vote: Some(Vote::Yes), acknowledged: true, retries: 0 },
+            ],
+            deadline: Some(decided),
+            finished: true,
+            age_ms: 1_005,
+            presumed: false
+        }
+    );
     let (req, fx) = h.commit(T0, txn);
     assert_eq!(fx, vec![committed_fx(req, txn)]);
     let (req, fx) = h.abort(T0, txn, "");
     assert_eq!(fx, vec![error_fx(req, CoreError::AlreadyCommitted(txn))]);
-    // Its neighbours of the same old run are presumed aborted.
-    assert_eq!(h.query(T0, TxnId { epoch: EPOCH - 2, seq: 10 }), Decision::Abort);
+    let (req, fx) = h.enlist(T0, txn, "c");
+    assert_eq!(fx, vec![error_fx(req, CoreError::EnlistmentClosed { txn, state: "committed" })]);
+    // Finished: listed, but not in doubt.
+    let l = h.list(at(5), false, 10);
+    assert_eq!((l.transactions.len(), l.in_doubt, l.oldest_in_doubt_ms), (1, 0, 0));
+    // Nothing was sent, so acks, failures and retries are stale.
+    assert_eq!(h.delivered(at(6), txn, "a", Ok(())), vec![]);
+    assert_eq!(h.delivered(at(6), txn, "b", Err("x".into())), vec![]);
+    assert_eq!(h.timer(at(7), Timer::Retry(txn, p("a"))), vec![]);
+    // Its neighbours of the same old run are presumed aborted (no horizon).
+    let next = TxnId { epoch: EPOCH - 2, seq: 10 };
+    assert_eq!(h.query(T0, next), Decision::Abort);
+    assert_eq!(h.txn_status(T0, next).state, TxnState::Aborted);
+
+    // Retention ends: the record is deleted and the horizon rises to it.
+    let end = decided.plus(RETENTION);
+    assert_eq!(h.timer(end, Timer::Forget(txn)), vec![Fx::ForgetDecision { txn, horizon: txn }]);
+    let s = h.txn_status(end, txn);
+    assert_eq!((s.state, s.presumed, s.finished, s.age_ms), (TxnState::Forgotten, true, true, 0));
+    let (req, fx) = h.commit(end, txn);
+    assert_eq!(fx, vec![error_fx(req, CoreError::Forgotten(txn))]);
+    let (req, fx) = h.abort(end, txn, "");
+    assert_eq!(fx, vec![error_fx(req, CoreError::Forgotten(txn))]);
+    // Below the horizon everything unheld is forgotten; above it, presumed
+    // aborted.
+    let before = TxnId { epoch: EPOCH - 2, seq: 8 };
+    assert_eq!(h.txn_status(end, before).state, TxnState::Forgotten);
+    assert_eq!(h.txn_status(end, next).state, TxnState::Aborted);
+    assert_eq!(h.timer(end, Timer::Forget(txn)), vec![], "forgotten once");
+}
+
+#[test]
+fn recover_of_an_ended_record_past_its_retention_forgets_it_at_once() {
+    let mut h = H::new();
+    let txn = TxnId { epoch: EPOCH - 1, seq: 3 };
+    let decided = UnixMillis(T0.0 - RETENTION - 1);
+    let fx = norm(h.core.recover(T0, vec![(txn, decision_record(&["a"], decided, true))], None));
+    assert_eq!(fx, vec![Fx::Timer(T0, Timer::Forget(txn))], "the Forget timer is due now");
+    let s = h.txn_status(T0, txn);
+    assert_eq!((s.state, s.finished, s.presumed, s.age_ms), (TxnState::Committed, true, false, RETENTION + 1));
+    assert_eq!(h.timer(T0, Timer::Forget(txn)), vec![Fx::ForgetDecision { txn, horizon: txn }]);
+    assert_eq!(h.txn_status(T0, txn).state, TxnState::Forgotten);
 }
 
 #[test]
@@ -1165,7 +1260,7 @@ fn recover_skips_invalid_names_and_ends_empty_records() {
     let mut r1 = decision_record(&["a"], UnixMillis(5), false);
     r1.participants.push(LoggedParticipant { name: "not a name!".into(), endpoint: ep("x") });
     let r2 = decision_record(&[], UnixMillis(6), false);
-    let fx = norm(h.core.recover(T0, vec![(t1, r1), (t2, r2)]));
+    let fx = norm(h.core.recover(T0, vec![(t1, r1), (t2, r2)], None));
     assert_eq!(
         fx,
         vec![commit_to(t1, "a"), Fx::Persist { txn: t2, record: decision_record(&[], T0, true), synced: false }, forget_fx(T0, t2)]
@@ -1176,7 +1271,7 @@ fn recover_skips_invalid_names_and_ends_empty_records() {
 fn recovered_and_new_transactions_coexist() {
     let mut h = H::new();
     let old = TxnId { epoch: EPOCH - 1, seq: 1 };
-    let _ = h.core.recover(T0, vec![(old, decision_record(&["a"], UnixMillis(5), false))]);
+    let _ = h.core.recover(T0, vec![(old, decision_record(&["a"], UnixMillis(5), false))], None);
     // New ids start at seq 1 of this epoch.
     let (txn, _) = h.begin_at(T0, 0);
     assert_eq!(txn, TxnId { epoch: EPOCH, seq: 1 });

@@ -109,6 +109,7 @@ impl Driver {
     async fn run(mut self, mut rx: mpsc::Receiver<Msg>, recovery: Vec<Effect>) {
         for e in recovery {
             self.perform(e);
+            twopc_storage::crash_point!("coordinator::during_recovery");
         }
         while let Some(msg) = rx.recv().await {
             let input = match msg {
@@ -116,7 +117,15 @@ impl Driver {
                     self.pending.insert(req, reply);
                     input
                 }
-                Msg::Internal(input) => input,
+                Msg::Internal(input) => {
+                    match &input {
+                        Input::Voted { .. } => twopc_storage::crash_point!("coordinator::after_vote"),
+                        Input::Durable { .. } => twopc_storage::crash_point!("coordinator::after_decision_durable"),
+                        Input::Delivered { result: Ok(()), .. } => twopc_storage::crash_point!("coordinator::after_phase_two_ack"),
+                        _ => {}
+                    }
+                    input
+                }
                 Msg::Stop(done) => {
                     drop(self);
                     let _ = done.send(());
@@ -159,6 +168,11 @@ impl Driver {
                 }
             }
             Effect::PersistDecision { txn, record, synced } => {
+                if synced {
+                    twopc_storage::crash_point!("coordinator::before_decision_write");
+                } else {
+                    twopc_storage::crash_point!("coordinator::before_end_write");
+                }
                 let ticket = self.log.persist(txn, &record, synced);
                 if synced {
                     self.internal(async move {
@@ -177,6 +191,14 @@ impl Driver {
                         }
                     });
                 }
+            }
+            Effect::ForgetDecision { txn, horizon } => {
+                let ticket = self.log.forget(txn, horizon);
+                tokio::spawn(async move {
+                    if let Err(e) = twopc_storage::wait(ticket).await {
+                        warn!(%txn, error = %e, "could not delete a finished decision record; it is retried after a restart");
+                    }
+                });
             }
             Effect::SendPrepare { txn, participant, endpoint, payload, deadline } => {
                 let client = self.client(&endpoint);

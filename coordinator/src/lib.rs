@@ -121,7 +121,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     };
     let mut core = Core::new(epoch, core_config);
     let pending = records.iter().filter(|(_, r)| !r.ended).count();
-    let recovery = core.recover(UnixMillis::now(), records);
+    let recovery = core.recover(UnixMillis::now(), records, log.horizon()?);
     tracing::info!(epoch, resuming = pending, data_dir = %config.data_dir.display(), "decision log recovered");
     let driver_config = DriverConfig { prepare_rpc_timeout: config.prepare_timeout, ..DriverConfig::default() };
     let handle = driver::spawn(core, recovery, log.clone(), driver_config);
@@ -142,7 +142,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     let result = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(pb::coordinator_server::CoordinatorServer::new(service))
+        .add_service(pb::coordinator_server::CoordinatorServer::new(service.clone()))
+        .add_service(pb::admin_server::AdminServer::new(service))
         .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
         .await;
     handle.stop().await;

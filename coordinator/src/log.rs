@@ -20,6 +20,7 @@ const CF_DECISIONS: &str = "decisions";
 const CF_META: &str = "meta";
 const CF_PARTICIPANTS: &str = "participants";
 const EPOCH_KEY: &[u8] = b"epoch";
+const HORIZON_KEY: &[u8] = b"gc_horizon";
 
 /// Every column family the coordinator's store holds.
 pub const COLUMN_FAMILIES: &[&str] = &[CF_DECISIONS, CF_META, CF_PARTICIPANTS];
@@ -110,6 +111,26 @@ impl DecisionLog {
         let mut b = Batch::new();
         b.put(CF_DECISIONS, txn.to_key().to_vec(), record.encode_to_vec());
         self.store.submit(b, if synced { Durability::Synced } else { Durability::Lazy })
+    }
+
+    /// The garbage-collection horizon: the highest id whose record was
+    /// deleted.
+    pub fn horizon(&self) -> Result<Option<TxnId>, LogError> {
+        match self.store.get(CF_META, HORIZON_KEY)? {
+            None => Ok(None),
+            Some(v) => TxnId::from_key(&v)
+                .map(Some)
+                .ok_or_else(|| LogError::Corrupt { cf: CF_META, detail: format!("gc_horizon has {} bytes, expected 16", v.len()) }),
+        }
+    }
+
+    /// Deletes a finished transaction's record and raises the horizon, in
+    /// one lazy batch.
+    pub fn forget(&self, txn: TxnId, horizon: TxnId) -> WriteTicket {
+        let mut b = Batch::new();
+        b.delete(CF_DECISIONS, txn.to_key().to_vec());
+        b.put(CF_META, HORIZON_KEY.to_vec(), horizon.to_key().to_vec());
+        self.store.submit(b, Durability::Lazy)
     }
 
     /// The participant registry.

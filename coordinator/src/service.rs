@@ -13,7 +13,7 @@ use tonic::{Code, Request, Response, Status};
 use twopc_proto::status::{aborted, error};
 use twopc_proto::{Outcome, ParticipantName, TxnId, pb, reason, validate_endpoint};
 
-use crate::core::{CoreError, ExecBranch, Input, Reply, TxnState};
+use crate::core::{CoreError, ExecBranch, Input, Reply, TxnState, TxnStatus};
 use crate::driver::Handle;
 use crate::log::DecisionLog;
 
@@ -105,9 +105,47 @@ pub fn core_error(e: &CoreError) -> Status {
         CoreError::EnlistmentClosed { .. } => (Code::FailedPrecondition, reason::ENLISTMENT_CLOSED),
         CoreError::AlreadyCommitted(_) => (Code::FailedPrecondition, reason::TXN_ALREADY_DECIDED),
         CoreError::TimeoutTooLong { .. } => (Code::InvalidArgument, reason::TIMEOUT_TOO_LONG),
+        CoreError::Forgotten(_) => (Code::FailedPrecondition, reason::TXN_FORGOTTEN),
         CoreError::LogFailed(_) => (Code::Unavailable, reason::COORDINATOR_UNAVAILABLE),
     };
     error(code, r, e.to_string())
+}
+
+/// A transaction's status on the wire.
+fn status_pb(s: &TxnStatus) -> pb::StatusResponse {
+    let state = match s.state {
+        TxnState::Active => pb::TxnState::Active,
+        TxnState::Preparing => pb::TxnState::Preparing,
+        TxnState::Deciding => pb::TxnState::Deciding,
+        TxnState::Committed => pb::TxnState::Committed,
+        TxnState::Aborted => pb::TxnState::Aborted,
+        TxnState::Forgotten => pb::TxnState::Forgotten,
+    };
+    pb::StatusResponse {
+        txn_id: s.txn.to_string(),
+        state: state as i32,
+        abort_reason: s.abort_reason.as_ref().map(pb::AbortReason::from),
+        participants: s
+            .participants
+            .iter()
+            .map(|p| pb::ParticipantStatus {
+                name: p.name.as_str().to_owned(),
+                endpoint: p.endpoint.clone(),
+                vote: match &p.vote {
+                    None => pb::Vote::Unspecified,
+                    Some(twopc_proto::Vote::Yes) => pb::Vote::Yes,
+                    Some(twopc_proto::Vote::No(_)) => pb::Vote::No,
+                    Some(twopc_proto::Vote::ReadOnly) => pb::Vote::ReadOnly,
+                } as i32,
+                acknowledged: p.acknowledged,
+                retries: p.retries,
+            })
+            .collect(),
+        deadline_unix_ms: s.deadline.map(|d| d.0).unwrap_or_default(),
+        finished: s.finished,
+        presumed: s.presumed,
+        age_ms: s.age_ms,
+    }
 }
 
 fn unexpected(reply: &Reply) -> Status {
@@ -223,39 +261,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     async fn status(&self, request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
         let txn = parse_txn(&request.get_ref().txn_id)?;
         match self.call(|req| Input::Status { req, txn }).await? {
-            Reply::Status(s) => {
-                let state = match s.state {
-                    TxnState::Active => pb::TxnState::Active,
-                    TxnState::Preparing => pb::TxnState::Preparing,
-                    TxnState::Deciding => pb::TxnState::Deciding,
-                    TxnState::Committed => pb::TxnState::Committed,
-                    TxnState::Aborted => pb::TxnState::Aborted,
-                };
-                Ok(Response::new(pb::StatusResponse {
-                    txn_id: txn.to_string(),
-                    state: state as i32,
-                    abort_reason: s.abort_reason.as_ref().map(pb::AbortReason::from),
-                    participants: s
-                        .participants
-                        .iter()
-                        .map(|p| pb::ParticipantStatus {
-                            name: p.name.as_str().to_owned(),
-                            endpoint: p.endpoint.clone(),
-                            vote: match &p.vote {
-                                None => pb::Vote::Unspecified,
-                                Some(twopc_proto::Vote::Yes) => pb::Vote::Yes,
-                                Some(twopc_proto::Vote::No(_)) => pb::Vote::No,
-                                Some(twopc_proto::Vote::ReadOnly) => pb::Vote::ReadOnly,
-                            } as i32,
-                            acknowledged: p.acknowledged,
-                            retries: p.retries,
-                        })
-                        .collect(),
-                    deadline_unix_ms: s.deadline.map(|d| d.0).unwrap_or_default(),
-                    finished: s.finished,
-                    presumed: s.presumed,
-                }))
-            }
+            Reply::Status(s) => Ok(Response::new(status_pb(&s))),
             Reply::Error(e) => Err(core_error(&e)),
             other => Err(unexpected(&other)),
         }
@@ -289,5 +295,26 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             tracing::info!(participant = %name, %endpoint, "participant registered");
         }
         Ok(Response::new(pb::RegisterParticipantResponse {}))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for CoordinatorService {
+    async fn list_transactions(
+        &self,
+        request: Request<pb::ListTransactionsRequest>,
+    ) -> Result<Response<pb::ListTransactionsResponse>, Status> {
+        let r = request.get_ref();
+        let in_doubt_only = r.in_doubt_only;
+        let limit = if r.limit == 0 { 1000 } else { r.limit.min(100_000) as usize };
+        match self.call(|req| Input::List { req, in_doubt_only, limit }).await? {
+            Reply::List(l) => Ok(Response::new(pb::ListTransactionsResponse {
+                transactions: l.transactions.iter().map(status_pb).collect(),
+                in_doubt: l.in_doubt as u64,
+                oldest_in_doubt_ms: l.oldest_in_doubt_ms,
+            })),
+            Reply::Error(e) => Err(core_error(&e)),
+            other => Err(unexpected(&other)),
+        }
     }
 }

@@ -43,6 +43,18 @@ impl Proc {
     /// Starts `bin` with `args`, logging to `log_file`, and waits up to
     /// `within` for its "listening on" line.
     pub async fn start(name: &str, bin: &Path, args: &[String], log_file: &Path, within: Duration) -> anyhow::Result<Proc> {
+        Self::start_with_env(name, bin, args, &[], log_file, within).await
+    }
+
+    /// [`Proc::start`] with extra environment variables.
+    pub async fn start_with_env(
+        name: &str,
+        bin: &Path,
+        args: &[String],
+        env: &[(String, String)],
+        log_file: &Path,
+        within: Duration,
+    ) -> anyhow::Result<Proc> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -50,6 +62,7 @@ impl Proc {
             .with_context(|| format!("cannot open {}", log_file.display()))?;
         let mut child = Command::new(bin)
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
@@ -88,6 +101,20 @@ impl Proc {
     /// Kills the process at once (SIGKILL) and reaps it.
     pub async fn kill(&mut self) -> anyhow::Result<()> {
         self.child.kill().await.with_context(|| format!("cannot kill {}", self.name))
+    }
+
+    /// Waits up to `within` for the process to exit by itself (for example
+    /// at a crash point); `None` if it is still running then.
+    pub async fn wait_exit(&mut self, within: Duration) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        match tokio::time::timeout(within, self.child.wait()).await {
+            Ok(r) => Ok(Some(r.with_context(|| format!("waiting for {}", self.name))?)),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// The exit status if the process has exited, without waiting.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     /// Asks the process to stop (SIGTERM) and waits up to `within` for it

@@ -10,7 +10,7 @@
 //! - inventory: `stock/<sku>` (integer), `reserved/<order>` ("sku,quantity")
 
 use tonic::{Code, Request, Response, Status};
-use twopc_participant::{KvError, KvStore, KvTxn, TxnScope};
+use twopc_participant::{KvError, KvStore, KvTxn, Participant, TxnScope};
 use twopc_proto::{reason, status::error};
 
 use crate::pb;
@@ -145,6 +145,8 @@ impl pb::inventory_server::Inventory for InventoryService {
 pub struct LedgerService {
     /// The store it reads.
     pub kv: KvStore,
+    /// The participant, for its in-doubt transactions.
+    pub participant: Participant,
 }
 
 #[tonic::async_trait]
@@ -155,6 +157,7 @@ impl pb::ledger_server::Ledger for LedgerService {
             .into_iter()
             .map(|(k, v)| pb::Entry { key: String::from_utf8_lossy(&k).into_owned(), value: String::from_utf8_lossy(&v).into_owned() })
             .collect();
-        Ok(Response::new(pb::SnapshotResponse { entries, locked_keys: self.kv.locked_keys() as u64 }))
+        let in_doubt = self.participant.in_doubt().map_err(|e| Status::unavailable(e.to_string()))?.len() as u64;
+        Ok(Response::new(pb::SnapshotResponse { entries, locked_keys: self.kv.locked_keys() as u64, in_doubt }))
     }
 }

@@ -33,9 +33,11 @@ pub type ReqId = u64;
 /// Tunables. Times in milliseconds.
 #[derive(Debug, Clone)]
 pub struct CoreConfig {
-    /// How long after its deadline a prepared branch first asks the
-    /// coordinator for the outcome (phase two normally arrives sooner).
-    pub query_after_deadline_ms: u64,
+    /// How long after preparing a branch first asks the coordinator for the
+    /// outcome, if phase two has not arrived (it normally does within
+    /// milliseconds). Not tied to the deadline: a prepared branch must
+    /// resolve as soon as the coordinator can answer.
+    pub query_after_prepare_ms: u64,
     /// First QueryDecision retry delay; doubles up to `query_max_ms`.
     pub query_base_ms: u64,
     /// Longest delay between QueryDecision attempts.
@@ -51,9 +53,9 @@ pub struct CoreConfig {
 impl Default for CoreConfig {
     fn default() -> Self {
         CoreConfig {
-            query_after_deadline_ms: 1_000,
+            query_after_prepare_ms: 1_000,
             query_base_ms: 100,
-            query_max_ms: 10_000,
+            query_max_ms: 2_000,
             retention_ms: 600_000,
             seed: 0x5DEE_CE66_D1CE_4E5B,
         }
@@ -238,6 +240,12 @@ pub enum Effect {
     },
     /// Ask the coordinator for the outcome; report [`Input::Decided`].
     QueryDecision {
+        /// The transaction.
+        txn: TxnId,
+    },
+    /// Delete the finished branch's record from the log (lazily): its
+    /// retention has ended.
+    Forget {
         /// The transaction.
         txn: TxnId,
     },
@@ -629,7 +637,7 @@ impl Core {
             out.push(reply(w, Reply::Voted(SentVote::Yes(PreparedDurable { _private: () }))));
         }
         // If phase two does not arrive, ask.
-        let at = b.deadline.max(now).plus(self.config.query_after_deadline_ms);
+        let at = now.plus(self.config.query_after_prepare_ms);
         out.push(Effect::SetTimer { at, timer: Timer::Query(txn) });
     }
 
@@ -757,6 +765,7 @@ impl Core {
             Timer::Forget(txn) => {
                 if self.branches.get(&txn).is_some_and(|b| matches!(b.phase, Phase::Committed | Phase::Aborted)) {
                     self.branches.remove(&txn);
+                    out.push(Effect::Forget { txn });
                 }
             }
             Timer::RetryApply(txn) => {

@@ -25,7 +25,7 @@ const EPOCH: u64 = 5;
 /// The usual transaction.
 const TX: TxnId = TxnId { epoch: EPOCH, seq: 1 };
 
-const QUERY_AFTER_DEADLINE: u64 = 1_000;
+const QUERY_AFTER_PREPARE: u64 = 1_000;
 const QUERY_BASE: u64 = 100;
 const QUERY_MAX: u64 = 1_000;
 const RETENTION: u64 = 60_000;
@@ -41,7 +41,7 @@ fn dl() -> UnixMillis {
 
 fn config() -> CoreConfig {
     CoreConfig {
-        query_after_deadline_ms: QUERY_AFTER_DEADLINE,
+        query_after_prepare_ms: QUERY_AFTER_PREPARE,
         query_base_ms: QUERY_BASE,
         query_max_ms: QUERY_MAX,
         retention_ms: RETENTION,
@@ -74,6 +74,7 @@ enum Fx {
     Persist(TxnId, BranchRecord),
     Apply { txn: TxnId, commit: bool, record: Option<BranchRecord>, synced: bool },
     Query(TxnId),
+    Forget(TxnId),
     Timer(UnixMillis, Timer),
 }
 
@@ -95,6 +96,7 @@ fn norm(effects: Vec<Effect>) -> Vec<Fx> {
             Effect::PersistPrepared { txn, record } => Fx::Persist(txn, record),
             Effect::Apply { txn, commit, record, synced } => Fx::Apply { txn, commit, record, synced },
             Effect::QueryDecision { txn } => Fx::Query(txn),
+            Effect::Forget { txn } => Fx::Forget(txn),
             Effect::SetTimer { at, timer } => Fx::Timer(at, timer),
         })
         .collect()
@@ -126,6 +128,12 @@ fn apply_abort(txn: TxnId, deadline: UnixMillis, epoch: u64, now: UnixMillis) ->
 
 fn forget(now: UnixMillis, txn: TxnId) -> Fx {
     Fx::Timer(now.plus(RETENTION), Timer::Forget(txn))
+}
+
+/// The first Query timer of a branch whose PREPARED record became durable
+/// at `durable`: relative to that moment, not to the deadline.
+fn first_query(durable: UnixMillis, txn: TxnId) -> Fx {
+    Fx::Timer(durable.plus(QUERY_AFTER_PREPARE), Timer::Query(txn))
 }
 
 const ABORTED_HERE: &str = "the transaction was aborted here";
@@ -248,7 +256,7 @@ impl H {
     fn prepared(&mut self) -> ReqId {
         let req = self.persisting();
         let fx = self.durable(at(120), TX);
-        assert_eq!(fx, vec![yes(req), Fx::Timer(dl().plus(QUERY_AFTER_DEADLINE), Timer::Query(TX))]);
+        assert_eq!(fx, vec![yes(req), first_query(at(120), TX)]);
         assert_eq!(self.core.phase(TX), Some(Phase::Prepared));
         req
     }
@@ -415,7 +423,7 @@ fn resource_yes_persists_and_votes_only_once_durable() {
     assert_eq!(fx, vec![Fx::Persist(TX, rec(BranchState::Prepared, dl(), EPOCH, at(110)))], "no vote before the record is durable");
     assert!(h.core.in_doubt().is_empty(), "not prepared until durable");
     let fx = h.durable(at(120), TX);
-    assert_eq!(fx, vec![yes(r), Fx::Timer(dl().plus(QUERY_AFTER_DEADLINE), Timer::Query(TX))]);
+    assert_eq!(fx, vec![yes(r), first_query(at(120), TX)]);
     assert_eq!(h.core.phase(TX), Some(Phase::Prepared));
     assert_eq!(h.core.in_doubt(), vec![TX]);
 }
@@ -426,7 +434,7 @@ fn durable_after_the_deadline_queries_from_now() {
     let (r, _) = h.prepare_with(at(10), TX, EPOCH, payload(), at(50));
     let _ = h.voted(at(20), TX, Ok(Vote::Yes));
     let fx = h.durable(at(500), TX);
-    assert_eq!(fx, vec![yes(r), Fx::Timer(at(500 + QUERY_AFTER_DEADLINE), Timer::Query(TX))]);
+    assert_eq!(fx, vec![yes(r), first_query(at(500), TX)]);
 }
 
 #[test]
@@ -446,7 +454,7 @@ fn duplicate_prepare_while_persisting_waits_for_durable() {
     let (r2, fx) = h.prepare(at(115), payload());
     assert_eq!(fx, vec![]);
     let fx = h.durable(at(120), TX);
-    assert_eq!(fx, vec![yes(r1), yes(r2), Fx::Timer(dl().plus(QUERY_AFTER_DEADLINE), Timer::Query(TX))]);
+    assert_eq!(fx, vec![yes(r1), yes(r2), first_query(at(120), TX)]);
 }
 
 #[test]
@@ -548,7 +556,7 @@ fn commit_on_unknown_is_acked() {
 fn commit_after_forget_is_acked() {
     let mut h = H::new();
     h.committed();
-    assert_eq!(h.timer(at(210).plus(RETENTION), Timer::Forget(TX)), vec![]);
+    assert_eq!(h.timer(at(210).plus(RETENTION), Timer::Forget(TX)), vec![Fx::Forget(TX)]);
     assert_eq!(h.core.phase(TX), None);
     let (r, fx) = h.commit(at(210).plus(RETENTION), TX);
     assert_eq!(fx, vec![acked(r)]);
@@ -609,8 +617,8 @@ fn abort_on_unknown_acks_and_leaves_a_tombstone() {
     assert_eq!(fx, vec![acked(r)], "a duplicate Abort");
     let (r, fx) = h.join(at(190), TX);
     assert_eq!(fx, vec![err(r, CoreError::JoinRefused { txn: TX, why: "the transaction is aborted here".into() })]);
-    // Until the retention ends.
-    assert_eq!(h.timer(at(160).plus(RETENTION), Timer::Forget(TX)), vec![]);
+    // Until the retention ends; then its record is deleted too.
+    assert_eq!(h.timer(at(160).plus(RETENTION), Timer::Forget(TX)), vec![Fx::Forget(TX)]);
     assert_eq!(h.core.phase(TX), None);
 }
 
@@ -757,7 +765,10 @@ fn deadline_timer_never_decides_a_preparing_or_prepared_branch() {
 fn query_timer_on_prepared_asks_the_coordinator() {
     let mut h = H::new();
     let _ = h.prepared();
-    assert_eq!(h.timer(dl().plus(QUERY_AFTER_DEADLINE), Timer::Query(TX)), vec![Fx::Query(TX)]);
+    // Durable at at(120): the first Query is due at(120) + QUERY_AFTER_PREPARE,
+    // well before the deadline.
+    assert!(at(120 + QUERY_AFTER_PREPARE) < dl());
+    assert_eq!(h.timer(at(120 + QUERY_AFTER_PREPARE), Timer::Query(TX)), vec![Fx::Query(TX)]);
 }
 
 #[test]
@@ -781,7 +792,7 @@ fn query_timer_elsewhere_does_nothing() {
 fn decided_commit_applies_the_commit() {
     let mut h = H::new();
     let _ = h.prepared();
-    let now = dl().plus(QUERY_AFTER_DEADLINE + 5);
+    let now = at(120 + QUERY_AFTER_PREPARE + 5);
     assert_eq!(h.decided(now, TX, Ok(Decision::Commit)), vec![apply_commit(TX, dl(), EPOCH, now)]);
     assert_eq!(h.core.phase(TX), Some(Phase::Committing));
     // A second answer while committing is ignored.
@@ -794,7 +805,7 @@ fn decided_commit_applies_the_commit() {
 fn decided_abort_applies_the_abort() {
     let mut h = H::new();
     let _ = h.prepared();
-    let now = dl().plus(QUERY_AFTER_DEADLINE + 5);
+    let now = at(120 + QUERY_AFTER_PREPARE + 5);
     assert_eq!(h.decided(now, TX, Ok(Decision::Abort)), vec![apply_abort(TX, dl(), EPOCH, now)]);
     assert_eq!(h.applied(now.plus(1), TX), vec![forget(now.plus(1), TX)]);
     assert_eq!(h.core.phase(TX), Some(Phase::Aborted));
@@ -804,7 +815,7 @@ fn decided_abort_applies_the_abort() {
 fn decided_pending_or_failed_asks_again_with_backoff() {
     let mut h = H::new();
     let _ = h.prepared();
-    let mut now = dl().plus(QUERY_AFTER_DEADLINE);
+    let mut now = at(120 + QUERY_AFTER_PREPARE);
     for n in 1..=7u32 {
         let answer = if n % 2 == 1 { Ok(Decision::Pending) } else { Err("coordinator unavailable".to_owned()) };
         let fx = h.decided(now, TX, answer);
@@ -1061,6 +1072,13 @@ fn recover_of_aborted_records_leaves_tombstones() {
         let (r, fx) = h.abort(at(3), t);
         assert_eq!(fx, vec![acked(r)]);
     }
+    // Their retention ends: each tombstone and its record are forgotten.
+    assert_eq!(h.timer(T0, Timer::Forget(t1)), vec![Fx::Forget(t1)]);
+    assert_eq!(h.timer(UnixMillis(T0.0 - 10 + RETENTION), Timer::Forget(t2)), vec![Fx::Forget(t2)]);
+    assert_eq!(h.timer(UnixMillis(T0.0 - 10 + RETENTION), Timer::Forget(t3)), vec![Fx::Forget(t3)]);
+    for t in [t1, t2, t3] {
+        assert_eq!(h.core.phase(t), None);
+    }
 }
 
 #[test]
@@ -1076,7 +1094,7 @@ fn recover_of_committed_records() {
     assert_eq!(fx, vec![err(r, CoreError::AlreadyCommitted(TX))]);
     let (r, fx) = h.prepare(at(3), payload());
     assert_eq!(fx, vec![yes(r)]);
-    assert_eq!(h.timer(T0.plus(RETENTION), Timer::Forget(TX)), vec![]);
+    assert_eq!(h.timer(T0.plus(RETENTION), Timer::Forget(TX)), vec![Fx::Forget(TX)]);
     assert_eq!(h.core.phase(TX), None);
 }
 
@@ -1132,8 +1150,121 @@ fn forget_timer_drops_finished_branches_only() {
     assert_eq!(h.timer(at(201), Timer::Forget(TX)), vec![]);
     assert_eq!(h.core.phase(TX), Some(Phase::Aborting), "not while the abort is applied");
     let _ = h.applied(at(210), TX);
-    assert_eq!(h.timer(at(210).plus(RETENTION), Timer::Forget(TX)), vec![]);
+    assert_eq!(h.timer(at(210).plus(RETENTION), Timer::Forget(TX)), vec![Fx::Forget(TX)]);
     assert_eq!(h.core.phase(TX), None);
+    assert_eq!(h.timer(at(211).plus(RETENTION), Timer::Forget(TX)), vec![], "forgotten once");
+}
+
+/// Garbage collection: a Forget timer for a Committed branch drops it and
+/// asks the driver to delete its record; a second firing does nothing.
+#[test]
+fn forget_timer_on_committed_emits_forget() {
+    let mut h = H::new();
+    h.committed();
+    assert_eq!(h.timer(at(210).plus(RETENTION), Timer::Forget(TX)), vec![Fx::Forget(TX)]);
+    assert_eq!(h.core.phase(TX), None);
+    assert!(h.core.in_doubt().is_empty());
+    assert_eq!(h.timer(at(211).plus(RETENTION), Timer::Forget(TX)), vec![], "a stale second Forget timer");
+}
+
+/// The same for an abort tombstone (Abort of a branch never seen): once its
+/// retention ends, it is dropped and its record deleted; a later Abort leaves
+/// a new tombstone.
+#[test]
+fn forget_timer_on_an_abort_tombstone_emits_forget() {
+    let mut h = H::new();
+    let (r, fx) = h.abort(at(100), TX);
+    assert_eq!(fx, vec![apply_abort(TX, UnixMillis(0), EPOCH, at(100)), acked(r)]);
+    assert_eq!(h.applied(at(110), TX), vec![forget(at(110), TX)]);
+    assert_eq!(h.core.phase(TX), Some(Phase::Aborted));
+    assert_eq!(h.timer(at(110).plus(RETENTION), Timer::Forget(TX)), vec![Fx::Forget(TX)]);
+    assert_eq!(h.core.phase(TX), None);
+    assert_eq!(h.timer(at(111).plus(RETENTION), Timer::Forget(TX)), vec![], "a stale second Forget timer");
+    let now = at(120).plus(RETENTION);
+    let (r, fx) = h.abort(now, TX);
+    assert_eq!(fx, vec![apply_abort(TX, UnixMillis(0), EPOCH, now), acked(r)]);
+}
+
+/// No Forget effect (and nothing dropped) for a branch that is not Committed
+/// or Aborted, whatever its phase.
+#[test]
+fn forget_timer_emits_nothing_for_unfinished_branches() {
+    let mut h = H::new();
+    let (_, _) = h.join(T0, TX);
+    assert_eq!(h.timer(at(1), Timer::Forget(TX)), vec![], "Joining");
+    assert_eq!(h.core.phase(TX), Some(Phase::Joining));
+    let _ = h.enlisted(at(5), TX, Ok(dl()));
+    assert_eq!(h.timer(at(6), Timer::Forget(TX)), vec![], "Active");
+    let _ = h.prepare(at(100), payload());
+    assert_eq!(h.timer(at(101), Timer::Forget(TX)), vec![], "Preparing");
+    let _ = h.voted(at(110), TX, Ok(Vote::Yes));
+    assert_eq!(h.timer(at(111), Timer::Forget(TX)), vec![], "Persisting");
+    let _ = h.durable(at(120), TX);
+    assert_eq!(h.timer(at(121), Timer::Forget(TX)), vec![], "Prepared");
+    let _ = h.commit(at(200), TX);
+    assert_eq!(h.timer(at(201), Timer::Forget(TX)), vec![], "Committing");
+    assert_eq!(h.core.phase(TX), Some(Phase::Committing));
+    // Releasing (read-only).
+    let mut h = H::new();
+    let _ = h.preparing();
+    let _ = h.voted(at(110), TX, Ok(Vote::ReadOnly));
+    assert_eq!(h.timer(at(111), Timer::Forget(TX)), vec![], "Releasing");
+    assert_eq!(h.core.phase(TX), Some(Phase::Releasing));
+    // Aborting.
+    let mut h = H::new();
+    let _ = h.abort(at(100), TX);
+    assert_eq!(h.timer(at(101), Timer::Forget(TX)), vec![], "Aborting");
+    assert_eq!(h.core.phase(TX), Some(Phase::Aborting));
+}
+
+/// The first Query is due `query_after_prepare_ms` after the PREPARED record
+/// became durable, even when the deadline is an hour away: a prepared branch
+/// resolves as soon as the coordinator can answer.
+#[test]
+fn prepared_asks_after_query_after_prepare_even_with_a_far_deadline() {
+    let mut h = H::new();
+    let far = at(3_600_000);
+    let (r, fx) = h.prepare_with(at(100), TX, EPOCH, payload(), far);
+    assert_eq!(fx, vec![Fx::ResourcePrepare(TX, payload())]);
+    assert_eq!(h.voted(at(110), TX, Ok(Vote::Yes)), vec![Fx::Persist(TX, rec(BranchState::Prepared, far, EPOCH, at(110)))]);
+    let fx = h.durable(at(130), TX);
+    assert_eq!(fx, vec![yes(r), Fx::Timer(at(130 + QUERY_AFTER_PREPARE), Timer::Query(TX))]);
+    assert!(at(130 + QUERY_AFTER_PREPARE) < far);
+    assert_eq!(h.timer(at(130 + QUERY_AFTER_PREPARE), Timer::Query(TX)), vec![Fx::Query(TX)]);
+    let now = at(140 + QUERY_AFTER_PREPARE);
+    assert_eq!(h.decided(now, TX, Ok(Decision::Commit)), vec![apply_commit(TX, far, EPOCH, now)]);
+}
+
+/// The defaults: the first Query one second after preparing; retries capped
+/// at two seconds.
+#[test]
+fn default_config_values() {
+    let c = CoreConfig::default();
+    assert_eq!(c.query_after_prepare_ms, 1_000);
+    assert_eq!(c.query_base_ms, 100);
+    assert_eq!(c.query_max_ms, 2_000);
+    assert_eq!(c.retention_ms, 600_000);
+}
+
+/// With the default config, Pending answers back off up to `query_max_ms`
+/// (2 s) and no further.
+#[test]
+fn default_query_backoff_is_capped_at_two_seconds() {
+    let mut core = Core::new(CoreConfig::default());
+    let _ = core.step(at(100), Input::Prepare { req: 1, txn: TX, epoch: EPOCH, payload: payload(), deadline: dl() });
+    let _ = core.step(at(110), Input::ResourceVoted { txn: TX, vote: Ok(Vote::Yes) });
+    let fx = norm(core.step(at(120), Input::Durable { txn: TX }));
+    assert_eq!(fx, vec![yes(1), Fx::Timer(at(1_120), Timer::Query(TX))]);
+    let mut now = at(1_120);
+    for n in 1..=10u32 {
+        let fx = norm(core.step(now, Input::Decided { txn: TX, decision: Ok(Decision::Pending) }));
+        let cap = (100u64 << n).min(2_000);
+        let [Fx::Timer(when, Timer::Query(t))] = fx.as_slice() else { panic!("expected one Query timer, got {fx:?}") };
+        assert_eq!(*t, TX);
+        let delay = now.until(*when);
+        assert!((cap / 2..=cap).contains(&delay), "query #{n} delay {delay} ms outside [{}, {cap}]", cap / 2);
+        now = *when;
+    }
 }
 
 #[test]
@@ -1370,6 +1501,13 @@ impl Explorer {
             _ => {}
         }
         let effects = self.core.step(self.now, input.clone());
+        let forgets = effects.iter().filter(|e| matches!(e, Effect::Forget { .. })).count();
+        let drops_finished = matches!(input, Input::Timer(Timer::Forget(_))) && matches!(before, Some(Phase::Committed | Phase::Aborted));
+        assert_eq!(forgets, usize::from(drops_finished), "{}: Forget effects {effects:?} for {txn} in phase {before:?}", self.ctx);
+        if drops_finished {
+            assert_eq!(effects, vec![Effect::Forget { txn }], "{}", self.ctx);
+            assert_eq!(self.core.phase(txn), None, "{}: {txn} kept after Forget", self.ctx);
+        }
         self.observe(Some((&input, before)), effects);
     }
 
@@ -1382,6 +1520,10 @@ impl Explorer {
                     assert!(self.durable.contains(&txn), "{ctx}: YES for {txn} without a durable PREPARED record");
                 }
                 Effect::Reply { .. } => {}
+                Effect::Forget { txn } => {
+                    let before = cause.and_then(|(_, b)| b);
+                    assert!(matches!(before, Some(Phase::Committed | Phase::Aborted)), "{ctx}: Forget of {txn} in phase {before:?}");
+                }
                 Effect::Enlist { txn } => self.enlists.push(txn),
                 Effect::ResourcePrepare { txn, .. } => {
                     if let Some((_, before)) = cause {

@@ -123,7 +123,12 @@ impl Driver {
                     self.pending.insert(req, reply);
                     input
                 }
-                Msg::Internal(input) => input,
+                Msg::Internal(input) => {
+                    if let Input::Durable { .. } = input {
+                        twopc_storage::crash_point!("participant::after_prepare_durable");
+                    }
+                    input
+                }
                 Msg::Voted { txn, vote, batch } => {
                     self.staged.insert(txn, batch);
                     Input::ResourceVoted { txn, vote }
@@ -179,6 +184,7 @@ impl Driver {
                 });
             }
             Effect::PersistPrepared { txn, record } => {
+                twopc_storage::crash_point!("participant::before_prepare_write");
                 let mut batch = self.staged.remove(&txn).unwrap_or_default();
                 batch.put(CF_BRANCHES, txn.to_key().to_vec(), record.encode_to_vec());
                 let ticket = parts.store.submit(batch, Durability::Synced);
@@ -191,7 +197,11 @@ impl Driver {
             }
             Effect::Apply { txn, commit, record, synced } => {
                 self.staged.remove(&txn);
+                let recorded = record.is_some();
                 self.internal(async move {
+                    if recorded {
+                        twopc_storage::crash_point!("participant::before_outcome_apply");
+                    }
                     let mut batch = Batch::new();
                     let r = if commit { parts.resource.commit(txn, &mut batch).await } else { parts.resource.abort(txn, &mut batch).await };
                     if let Err(e) = r {
@@ -205,6 +215,9 @@ impl Driver {
                         if let Err(e) = wait(parts.store.submit(batch, d)).await {
                             return Input::ApplyFailed { txn, error: e.to_string() };
                         }
+                    }
+                    if recorded {
+                        twopc_storage::crash_point!("participant::after_outcome_apply");
                     }
                     parts.resource.finished(txn, commit);
                     Input::Applied { txn }
@@ -230,6 +243,16 @@ impl Driver {
                 }
                 Input::Decided { txn, decision }
             }),
+            Effect::Forget { txn } => {
+                let mut batch = Batch::new();
+                batch.delete(CF_BRANCHES, txn.to_key().to_vec());
+                let ticket = parts.store.submit(batch, Durability::Lazy);
+                tokio::spawn(async move {
+                    if let Err(e) = wait(ticket).await {
+                        warn!(%txn, error = %e, "could not delete a finished branch record; it is retried after a restart");
+                    }
+                });
+            }
             Effect::SetTimer { at, timer } => {
                 let delay = UnixMillis::now().until(at);
                 self.internal(async move {

@@ -236,6 +236,18 @@ impl Participant {
         self.registration.is_finished()
     }
 
+    /// Transactions this participant holds durably prepared and waiting for
+    /// their outcome, read from its log (the durable truth, also across a
+    /// restart).
+    pub fn in_doubt(&self) -> Result<Vec<TxnId>, Error> {
+        Ok(driver::load_branches(self.store.as_ref())
+            .map_err(Error::Storage)?
+            .into_iter()
+            .filter(|(_, r)| r.state == BranchState::Prepared as i32)
+            .map(|(t, _)| t)
+            .collect())
+    }
+
     /// Counters of the participant's log writer.
     pub fn log_stats(&self) -> twopc_storage::WriterStats {
         self.store.stats()

@@ -64,6 +64,8 @@ pub mod reason {
     pub const PAYLOAD_TOO_LARGE: &str = "PAYLOAD_TOO_LARGE";
     /// The requested timeout is above the coordinator's maximum.
     pub const TIMEOUT_TOO_LONG: &str = "TIMEOUT_TOO_LONG";
+    /// The transaction finished longer ago than the retention period.
+    pub const TXN_FORGOTTEN: &str = "TXN_FORGOTTEN";
     /// The coordinator is shutting down or its log failed.
     pub const COORDINATOR_UNAVAILABLE: &str = "COORDINATOR_UNAVAILABLE";
     /// A participant was asked to commit a branch it never prepared or

@@ -30,6 +30,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 
 pub mod conformance;
+pub mod crash;
 
 /// A column family name. Each user of the store declares its own.
 pub type Cf = &'static str;

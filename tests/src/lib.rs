@@ -5,6 +5,10 @@
 //! before they are started, processes announce their address, and
 //! [`eventually`] polls a condition with a deadline.
 
+pub mod checker;
+pub mod cluster;
+pub mod proxy;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -132,7 +136,7 @@ impl TestParticipant {
         let router = tonic::transport::Server::builder()
             .layer(participant.layer())
             .add_service(participant.service())
-            .add_service(pb::ledger_server::LedgerServer::new(LedgerService { kv: kv.clone() }))
+            .add_service(pb::ledger_server::LedgerServer::new(LedgerService { kv: kv.clone(), participant: participant.clone() }))
             .add_service(pb::wallet_server::WalletServer::new(WalletService { kv: kv.clone() }))
             .add_service(pb::orders_server::OrdersServer::new(OrdersService { kv: kv.clone() }))
             .add_service(pb::inventory_server::InventoryServer::new(InventoryService { kv: kv.clone() }));

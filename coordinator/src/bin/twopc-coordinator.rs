@@ -36,6 +36,9 @@ enum LogFormat {
 
 fn main() {
     let cli = Cli::parse();
+    if let Err(e) = twopc_storage::crash::arm_from_env() {
+        fail(&e);
+    }
     let json = match cli.log_format {
         LogFormat::Json => true,
         LogFormat::Text => false,

@@ -48,6 +48,17 @@ enum Command {
         /// Transaction id, tx-<epoch>-<seq>.
         txn: String,
     },
+    /// List the transactions the coordinator holds, oldest first, with the
+    /// count and the age of the oldest in-doubt one (past phase one, phase
+    /// two not finished).
+    List {
+        /// Only in-doubt transactions.
+        #[arg(long)]
+        in_doubt: bool,
+        /// Most transactions to show.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
     /// Begin a transaction and print its id.
     Begin {
         /// Transaction timeout.
@@ -133,7 +144,7 @@ async fn run(cli: Cli) -> Result<String, Failure> {
         .connect()
         .await
         .map_err(|e| Failure::Error(format!("cannot reach the coordinator at {}: {e}", cli.coordinator)))?;
-    let mut c = CoordinatorClient::new(channel);
+    let mut c = CoordinatorClient::new(channel.clone());
     let json = cli.json;
     match cli.command {
         Command::Execute { branches, timeout } => {
@@ -160,12 +171,49 @@ async fn run(cli: Cli) -> Result<String, Failure> {
             c.abort(pb::AbortRequest { txn_id: txn.clone(), reason }).await.map_err(|s| failure(s, Some(&txn)))?;
             Ok(format!("aborted {txn}"))
         }
+        Command::List { in_doubt, limit } => {
+            let mut admin = twopc_proto::pb::admin_client::AdminClient::new(channel.clone());
+            let r = admin
+                .list_transactions(pb::ListTransactionsRequest { in_doubt_only: in_doubt, limit })
+                .await
+                .map_err(|s| failure(s, None))?
+                .into_inner();
+            Ok(render_list(&r, json))
+        }
         Command::Status { txn } => {
             txn_arg(&txn)?;
             let s = c.status(pb::StatusRequest { txn_id: txn.clone() }).await.map_err(|s| failure(s, None))?.into_inner();
             Ok(render_status(&s, json))
         }
     }
+}
+
+fn render_list(r: &pb::ListTransactionsResponse, json: bool) -> String {
+    if json {
+        let items: Vec<String> = r.transactions.iter().map(|s| render_status(s, true)).collect();
+        return format!(
+            "{{\"in_doubt\":{},\"oldest_in_doubt_ms\":{},\"transactions\":[{}]}}",
+            r.in_doubt,
+            r.oldest_in_doubt_ms,
+            items.join(",")
+        );
+    }
+    let mut out = format!("{} in doubt; oldest in doubt {} ms", r.in_doubt, r.oldest_in_doubt_ms);
+    out.push_str(&format!("\n{:<22} {:<10} {:>10} {:>8} {:>8}  waiting for", "TXN", "STATE", "AGE_MS", "FINISHED", "RETRIES"));
+    for s in &r.transactions {
+        let retries: u32 = s.participants.iter().map(|p| p.retries).sum();
+        let waiting: Vec<&str> = s.participants.iter().filter(|p| !p.acknowledged).map(|p| p.name.as_str()).collect();
+        out.push_str(&format!(
+            "\n{:<22} {:<10} {:>10} {:>8} {:>8}  {}",
+            s.txn_id,
+            state_name(s.state),
+            s.age_ms,
+            s.finished,
+            retries,
+            waiting.join(",")
+        ));
+    }
+    out
 }
 
 fn state_name(state: i32) -> &'static str {
@@ -175,6 +223,7 @@ fn state_name(state: i32) -> &'static str {
         Ok(pb::TxnState::Deciding) => "deciding",
         Ok(pb::TxnState::Committed) => "committed",
         Ok(pb::TxnState::Aborted) => "aborted",
+        Ok(pb::TxnState::Forgotten) => "forgotten",
         _ => "unknown",
     }
 }
@@ -241,6 +290,9 @@ fn render_status(s: &pb::StatusResponse, json: bool) -> String {
         );
     }
     let mut out = format!("{} {}", s.txn_id, state_name(s.state));
+    if s.age_ms > 0 {
+        out.push_str(&format!(" age={}ms", s.age_ms));
+    }
     if s.finished {
         out.push_str(" (finished)");
     }

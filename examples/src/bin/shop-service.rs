@@ -31,6 +31,13 @@ struct Args {
     /// The coordinator's endpoint.
     #[arg(long, env = "TWOPC_COORDINATOR", default_value = "http://127.0.0.1:50051")]
     coordinator: String,
+    /// Participant name to register under; the role's name by default.
+    #[arg(long)]
+    name: Option<String>,
+    /// Endpoint the coordinator should call (for example a proxy in front
+    /// of this service); `http://<bound address>` by default.
+    #[arg(long)]
+    advertise: Option<String>,
     /// Longest a transaction waits for a key another one holds.
     #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
     lock_wait: Duration,
@@ -45,6 +52,7 @@ async fn main() {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    twopc_storage::crash::arm_from_env().map_err(anyhow::Error::msg)?;
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("TWOPC_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
@@ -53,10 +61,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
     let kv = KvStore::new(args.lock_wait);
-    let participant = Participant::builder(args.role.name())
+    let name = args.name.clone().unwrap_or_else(|| args.role.name().to_owned());
+    let endpoint = args.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));
+    let participant = Participant::builder(name)
         .data_dir(&args.data_dir)
         .coordinator(&args.coordinator)
-        .endpoint(format!("http://{addr}"))
+        .endpoint(endpoint)
         .resource(kv.clone())
         .open()
         .await?;
@@ -71,7 +81,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut router = tonic::transport::Server::builder()
         .layer(participant.layer())
         .add_service(participant.service())
-        .add_service(pb::ledger_server::LedgerServer::new(LedgerService { kv: kv.clone() }));
+        .add_service(pb::ledger_server::LedgerServer::new(LedgerService { kv: kv.clone(), participant: participant.clone() }));
     router = match args.role {
         Role::Wallet => router.add_service(pb::wallet_server::WalletServer::new(WalletService { kv })),
         Role::Orders => router.add_service(pb::orders_server::OrdersServer::new(OrdersService { kv })),

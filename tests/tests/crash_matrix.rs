@@ -1,0 +1,253 @@
+//! The crash-point matrix: real processes (coordinator and three
+//! participants, each with its own RocksDB), one process made to die at an
+//! exact step by a crash point, restarted from the same data directory;
+//! then, at quiescence, the atomicity checker and the expected outcome.
+//!
+//! Each row names a crash point, the process it is armed in, and for the
+//! commit path (every participant votes YES) and the abort path (one
+//! participant votes NO) whether the point is reached and what the final
+//! outcome must be. Presumed abort explains most rows: nothing decided
+//! durably means abort; a durable COMMIT decision survives any crash.
+//!
+//! `TWOPC_CRASH_REPEATS` (default 1) repeats every case; the README gives
+//! the longer command.
+
+use std::time::Duration;
+
+use twopc_participant::Outcome;
+use twopc_tests::checker::{Bank, Told, Transfer, check};
+use twopc_tests::cluster::{ClusterOptions, ProcCluster};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Coordinator,
+    /// `bank-b`, which votes YES on both paths.
+    Participant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reach {
+    /// The process must die at the point.
+    Yes,
+    /// The path never passes the point (the process must survive).
+    No,
+    /// Reached or not depending on message order.
+    Maybe,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Final {
+    Committed,
+    Aborted,
+}
+
+struct Row {
+    point: &'static str,
+    target: Target,
+    /// Commit path: reached?, outcome.
+    commit: (Reach, Final),
+    /// Abort path: reached?, outcome.
+    abort: (Reach, Final),
+    /// Arm this point instead at the first start, and `point` only on the
+    /// restart that follows (for crashes during recovery).
+    before: Option<&'static str>,
+}
+
+const ROWS: &[Row] = &[
+    // Coordinator.
+    Row { point: "coordinator::after_vote", target: Target::Coordinator, commit: (Reach::Yes, Final::Aborted), abort: (Reach::Yes, Final::Aborted), before: None },
+    Row {
+        point: "coordinator::before_decision_write",
+        target: Target::Coordinator,
+        commit: (Reach::Yes, Final::Aborted),
+        abort: (Reach::No, Final::Aborted),
+        before: None,
+    },
+    Row {
+        point: "coordinator::after_decision_durable",
+        target: Target::Coordinator,
+        commit: (Reach::Yes, Final::Committed),
+        abort: (Reach::No, Final::Aborted),
+        before: None,
+    },
+    Row {
+        point: "coordinator::after_phase_two_ack",
+        target: Target::Coordinator,
+        commit: (Reach::Yes, Final::Committed),
+        abort: (Reach::Yes, Final::Aborted),
+        before: None,
+    },
+    Row {
+        point: "coordinator::before_end_write",
+        target: Target::Coordinator,
+        commit: (Reach::Yes, Final::Committed),
+        abort: (Reach::No, Final::Aborted),
+        before: None,
+    },
+    Row {
+        point: "coordinator::during_recovery",
+        target: Target::Coordinator,
+        commit: (Reach::Yes, Final::Committed),
+        abort: (Reach::No, Final::Aborted),
+        before: Some("coordinator::after_decision_durable"),
+    },
+    // Participant bank-b.
+    Row {
+        point: "participant::before_prepare_write",
+        target: Target::Participant,
+        commit: (Reach::Yes, Final::Aborted),
+        abort: (Reach::Maybe, Final::Aborted),
+        before: None,
+    },
+    Row {
+        point: "participant::after_prepare_durable",
+        target: Target::Participant,
+        commit: (Reach::Yes, Final::Aborted),
+        abort: (Reach::Maybe, Final::Aborted),
+        before: None,
+    },
+    Row {
+        point: "participant::before_outcome_apply",
+        target: Target::Participant,
+        commit: (Reach::Yes, Final::Committed),
+        abort: (Reach::Maybe, Final::Aborted),
+        before: None,
+    },
+    Row {
+        point: "participant::after_outcome_apply",
+        target: Target::Participant,
+        commit: (Reach::Yes, Final::Committed),
+        abort: (Reach::Maybe, Final::Aborted),
+        before: None,
+    },
+];
+
+#[derive(Default)]
+struct Report {
+    runs: usize,
+    covered: std::collections::BTreeSet<&'static str>,
+    committed: usize,
+    aborted: usize,
+    unknown: usize,
+    violations: Vec<String>,
+    longest_in_doubt: Duration,
+}
+
+const NAMES: [&str; 3] = ["bank-a", "bank-b", "bank-c"];
+
+async fn run_case(row: &Row, abort_path: bool, seq: usize, report: &mut Report) -> anyhow::Result<()> {
+    let (reach, expected) = if abort_path { row.abort } else { row.commit };
+    let case = format!("{} / {} path", row.point, if abort_path { "abort" } else { "commit" });
+    let bank = Bank { services: NAMES.iter().map(|s| (*s).to_owned()).collect(), accounts: 1, initial: 1000 };
+    let mut cluster = ProcCluster::start(&NAMES, ClusterOptions::default()).await?;
+    let client = cluster.client()?;
+    let seeded = client.execute(bank.seed(), Duration::from_secs(5)).await?;
+    anyhow::ensure!(seeded.outcome == Outcome::Committed, "{case}: seeding failed: {:?}", seeded.outcome);
+    cluster.quiesce(Duration::from_secs(30)).await?;
+
+    // Re-arm the target with the crash point.
+    let first = row.before.unwrap_or(row.point);
+    let spec = format!("{first}=return");
+    match row.target {
+        Target::Coordinator => {
+            cluster.coordinator.stop().await?;
+            cluster.coordinator.start(Some(&spec)).await?;
+        }
+        Target::Participant => {
+            let p = cluster.participant("bank-b")?;
+            p.stop().await?;
+            p.start(Some(&spec)).await?;
+        }
+    }
+
+    // One transfer over all three: bank-a pays bank-b and bank-c.
+    let transfer = Transfer {
+        id: format!("t{seq}"),
+        legs: vec![(0, 0, -10), (1, 0, 5), (2, 0, 5)],
+        // bank-c refuses on the abort path.
+        extra: abort_path.then(|| (2, "check acct/0 >= 1000000".to_owned())),
+    };
+    let told = match tokio::time::timeout(Duration::from_secs(20), client.execute(bank.branches(&transfer), Duration::from_secs(3))).await {
+        Ok(Ok(f)) => match f.outcome {
+            Outcome::Committed => Told::Committed,
+            Outcome::Aborted(r) => Told::Aborted(r.to_string()),
+        },
+        Ok(Err(e)) => Told::Unknown(e.to_string()),
+        Err(_) => Told::Unknown("no answer in 20 s".into()),
+    };
+
+    let node = match row.target {
+        Target::Coordinator => &mut cluster.coordinator,
+        Target::Participant => cluster.participant("bank-b")?,
+    };
+    let died = match reach {
+        Reach::No => false,
+        Reach::Yes => node.wait_exit(Duration::from_secs(15)).await?,
+        Reach::Maybe => node.wait_exit(Duration::from_secs(2)).await?,
+    };
+    let hit = node.crashed_at(first);
+    match reach {
+        Reach::Yes => anyhow::ensure!(died && hit, "{case}: the process did not die at {first} (died: {died})"),
+        Reach::No => anyhow::ensure!(!hit && node.running(), "{case}: {first} must not be reached on this path"),
+        Reach::Maybe => anyhow::ensure!(died == hit, "{case}: the process died without reaching {first}"),
+    }
+    if died {
+        report.covered.insert(first);
+        if let Some(_before) = row.before {
+            // Crash again while recovering, then recover for good.
+            node.start(Some(&format!("{}=return", row.point))).await?;
+            anyhow::ensure!(node.wait_exit(Duration::from_secs(15)).await?, "{case}: recovery did not reach {}", row.point);
+            anyhow::ensure!(node.crashed_at(row.point), "{case}: recovery died elsewhere than {}", row.point);
+            report.covered.insert(row.point);
+        }
+        node.start(None).await?;
+    }
+    let (in_doubt, snaps) = cluster.quiesce(Duration::from_secs(60)).await?;
+    report.longest_in_doubt = report.longest_in_doubt.max(in_doubt);
+    let verdict = check(&bank, &[(transfer.clone(), told.clone())], &snaps);
+    report.runs += 1;
+    report.committed += verdict.committed;
+    report.aborted += verdict.aborted;
+    report.unknown += verdict.unknown;
+    for v in &verdict.violations {
+        report.violations.push(format!("{case}: {v}"));
+    }
+    let outcome = if verdict.applied == 1 { Final::Committed } else { Final::Aborted };
+    if outcome != expected {
+        report.violations.push(format!("{case}: expected {expected:?}, got {outcome:?} (client told {told:?})"));
+    }
+    println!("  {case:<58} reached={died:<5} told={:<10} final={outcome:?} settled in {in_doubt:?}", format!("{told:?}").split('(').next().unwrap_or(""));
+    cluster.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_point_matrix() {
+    let repeats: usize = std::env::var("TWOPC_CRASH_REPEATS").ok().and_then(|r| r.parse().ok()).unwrap_or(1);
+    let mut report = Report::default();
+    let mut seq = 0;
+    println!("crash-point matrix: {} points x 2 paths x {repeats} repeats", ROWS.len());
+    for _ in 0..repeats {
+        for row in ROWS {
+            for abort_path in [false, true] {
+                seq += 1;
+                if let Err(e) = run_case(row, abort_path, seq, &mut report).await {
+                    report.violations.push(format!("{} ({} path): {e:#}", row.point, if abort_path { "abort" } else { "commit" }));
+                }
+            }
+        }
+    }
+    println!(
+        "crash matrix: runs {}  crash points covered {}/{}  committed {}  aborted {}  unknown {}  violations {}  longest in doubt after restart {:?}",
+        report.runs,
+        report.covered.len(),
+        ROWS.len(),
+        report.committed,
+        report.aborted,
+        report.unknown,
+        report.violations.len(),
+        report.longest_in_doubt
+    );
+    assert!(report.violations.is_empty(), "violations:\n{}", report.violations.join("\n"));
+    assert_eq!(report.covered.len(), ROWS.len(), "every crash point must be reached at least once: {:?}", report.covered);
+}
