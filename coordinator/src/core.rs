@@ -633,8 +633,10 @@ impl Core {
         let txn = TxnId { epoch: self.epoch, seq: self.next_seq };
         self.next_seq += 1;
         let deadline = now.plus(timeout);
-        self.txns
-            .insert(txn, Txn { state: TxnState::Active, deadline, created: now, participants, waiters: Vec::new(), abort_reason: None, finished: false });
+        self.txns.insert(
+            txn,
+            Txn { state: TxnState::Active, deadline, created: now, participants, waiters: Vec::new(), abort_reason: None, finished: false },
+        );
         Ok((txn, deadline, Effect::SetTimer { at: deadline, timer: Timer::Deadline(txn) }))
     }
 
@@ -951,9 +953,10 @@ impl Core {
                 if let Some(t) = self.txns.get(&txn)
                     && t.finished
                 {
-                    if t.state == TxnState::Committed && t.participants.values().any(|b| b.vote == Some(Vote::Yes)) {
-                        // Its decision record goes too; raise the horizon
-                        // so Status never presumes it aborted.
+                    if t.state == TxnState::Committed {
+                        // Its decision record (if it has one) goes too;
+                        // raise the horizon so Status never presumes a
+                        // commit aborted.
                         let horizon = self.horizon.map_or(txn, |h| h.max(txn));
                         self.horizon = Some(horizon);
                         out.push(Effect::ForgetDecision { txn, horizon });

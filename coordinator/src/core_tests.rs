@@ -469,11 +469,12 @@ fn enlist_issued_but_forgotten_is_closed() {
     let (req, fx) = h.enlist(at(1).plus(RETENTION), txn, "a");
     assert_eq!(fx, vec![error_fx(req, CoreError::EnlistmentClosed { txn, state: "finished" })]);
 
-    // And one committed and forgotten.
+    // And one committed (with no participants, so no decision record) and
+    // forgotten: the horizon rises to it all the same.
     let (txn2, _) = h.begin_at(T0, 0);
     let (req, fx) = h.commit(at(2), txn2);
     assert_eq!(fx, vec![committed_fx(req, txn2), forget_fx(at(2), txn2)]);
-    assert_eq!(h.timer(at(2).plus(RETENTION), Timer::Forget(txn2)), vec![]);
+    assert_eq!(h.timer(at(2).plus(RETENTION), Timer::Forget(txn2)), vec![Fx::ForgetDecision { txn: txn2, horizon: txn2 }]);
     let (req, fx) = h.enlist(at(3).plus(RETENTION), txn2, "a");
     assert_eq!(fx, vec![error_fx(req, CoreError::EnlistmentClosed { txn: txn2, state: "finished" })]);
 }
@@ -643,12 +644,18 @@ fn all_read_only_commits_without_a_log_record() {
     let s = h.txn_status(at(161), txn);
     assert_eq!((s.state, s.finished, s.presumed), (TxnState::Committed, true, false));
     assert_eq!(h.core.unfinished(), 0);
-    // Forgotten: there is no decision record to delete, so nothing is
-    // emitted. No participant can be waiting for it (read-only voters keep
-    // nothing prepared), and QueryDecision falls back to presumed abort.
-    assert_eq!(h.timer(at(160).plus(RETENTION), Timer::Forget(txn)), vec![]);
-    assert_eq!(h.query(at(160).plus(RETENTION), txn), Decision::Abort);
-    assert_eq!(h.list(at(160).plus(RETENTION), false, 10), TxnList { transactions: vec![], in_doubt: 0, oldest_in_doubt_ms: 0 });
+    // Forgotten: there is no decision record, but ForgetDecision still
+    // raises the horizon (deleting the missing record is harmless), so the
+    // caller, told Committed, never hears it presumed aborted.
+    let later = at(160).plus(RETENTION);
+    assert_eq!(h.timer(later, Timer::Forget(txn)), vec![Fx::ForgetDecision { txn, horizon: txn }]);
+    assert_eq!(h.txn_status(later, txn), forgotten_status(txn));
+    let (req, fx) = h.commit(later, txn);
+    assert_eq!(fx, vec![error_fx(req, CoreError::Forgotten(txn))]);
+    // No participant can be waiting for it (read-only voters keep nothing
+    // prepared), so QueryDecision may fall back to presumed abort.
+    assert_eq!(h.query(later, txn), Decision::Abort);
+    assert_eq!(h.list(later, false, 10), TxnList { transactions: vec![], in_doubt: 0, oldest_in_doubt_ms: 0 });
 }
 
 #[test]
@@ -1010,6 +1017,77 @@ fn late_yes_after_a_finished_abort_is_told_abort() {
     assert_eq!(h.query(at(191), txn), Decision::Abort);
 }
 
+#[test]
+fn a_failed_delivery_schedules_one_retry_and_results_meanwhile_are_ignored() {
+    let mut h = H::new();
+    let (txn, _) = h.committed(&["a", "b"]);
+    let fx = h.delivered(at(400), txn, "a", Err("unavailable".into()));
+    let when = h.expect_retry(&fx, at(400), txn, "a", 1);
+    // While the retry is scheduled nothing is in flight to a: a second report
+    // for the failed message, failure or ack, is stale and schedules nothing.
+    assert_eq!(h.delivered(at(401), txn, "a", Err("unavailable".into())), vec![]);
+    assert_eq!(h.delivered(at(402), txn, "a", Ok(())), vec![]);
+    let s = h.txn_status(at(403), txn);
+    assert_eq!((s.participants[0].acknowledged, s.participants[0].retries, s.finished), (false, 1, false));
+    // The retry re-sends once; the same timer firing again sends nothing.
+    assert_eq!(h.timer(when, Timer::Retry(txn, p("a"))), vec![commit_to(txn, "a")]);
+    assert_eq!(h.timer(when.plus(1), Timer::Retry(txn, p("a"))), vec![]);
+    // The re-sent message's result counts.
+    assert_eq!(h.delivered(when.plus(2), txn, "a", Ok(())), vec![]);
+    assert!(h.txn_status(when.plus(2), txn).participants[0].acknowledged);
+    let fx = h.delivered(when.plus(3), txn, "b", Ok(()));
+    assert_eq!(
+        fx,
+        vec![Fx::Persist { txn, record: decision_record(&["a", "b"], when.plus(3), true), synced: false }, forget_fx(when.plus(3), txn)]
+    );
+}
+
+#[test]
+fn a_retry_timer_without_a_failed_delivery_sends_nothing() {
+    let mut h = H::new();
+    // The commit to a is in flight and has not failed: a Retry timer (a
+    // leftover, or a duplicate) must not send a second copy.
+    let (txn, _) = h.committed(&["a"]);
+    assert_eq!(h.timer(at(350), Timer::Retry(txn, p("a"))), vec![]);
+    assert_eq!(h.delivered(at(400), txn, "a", Ok(())).len(), 2, "the one message's ack finishes it");
+    // The same for an abort.
+    let (t2, _) = h.active(&["a"]);
+    let (_, fx) = h.abort(at(500), t2, "");
+    assert_eq!(decisions(&fx), vec![("a".to_owned(), false)]);
+    assert_eq!(h.timer(at(510), Timer::Retry(t2, p("a"))), vec![]);
+    assert_eq!(h.delivered(at(520), t2, "a", Ok(())), vec![forget_fx(at(520), t2)]);
+}
+
+#[test]
+fn duplicate_failures_do_not_count_toward_giving_up_an_abort() {
+    let mut h = H::new();
+    let (txn, _) = h.active(&["a"]);
+    let _ = h.abort(at(50), txn, "");
+    let fx = h.delivered(at(60), txn, "a", Err("unavailable".into()));
+    let when = h.expect_retry(&fx, at(60), txn, "a", 1);
+    for i in 0..u64::from(ABORT_ATTEMPTS) {
+        assert_eq!(h.delivered(at(61 + i), txn, "a", Err("unavailable".into())), vec![], "stale failure #{i}");
+    }
+    let s = h.txn_status(at(70), txn);
+    assert_eq!((s.finished, s.participants[0].acknowledged, s.participants[0].retries), (false, false, 1));
+    assert_eq!(h.timer(when, Timer::Retry(txn, p("a"))), vec![abort_to(txn, "a")]);
+}
+
+#[test]
+fn deliveries_to_participants_never_sent_phase_two_are_ignored() {
+    let mut h = H::new();
+    let (txn, _, _) = h.preparing(&["a", "b", "c"]);
+    assert_eq!(h.vote(at(150), txn, "a", Ok(Vote::ReadOnly)), vec![]);
+    let fx = h.vote(at(160), txn, "b", Ok(Vote::No("no".into())));
+    assert_eq!(decisions(&fx), vec![("c".to_owned(), false)], "read-only and NO voters are not told");
+    assert_eq!(h.delivered(at(170), txn, "a", Err("x".into())), vec![]);
+    assert_eq!(h.delivered(at(171), txn, "b", Err("x".into())), vec![]);
+    assert_eq!(h.delivered(at(172), txn, "a", Ok(())), vec![]);
+    let s = h.txn_status(at(173), txn);
+    assert_eq!(s.participants.iter().map(|ps| ps.retries).collect::<Vec<_>>(), vec![0, 0, 0]);
+    assert_eq!(h.delivered(at(180), txn, "c", Ok(())), vec![forget_fx(at(180), txn)]);
+}
+
 // ---------------------------------------------------------------------------
 // Execute
 // ---------------------------------------------------------------------------
@@ -1141,6 +1219,246 @@ fn status_reports_votes_and_retries() {
             presumed: false,
         }
     );
+}
+
+#[test]
+fn status_age_counts_from_begin() {
+    let mut h = H::new();
+    let (txn, _) = h.begin_at(at(100), 0);
+    assert_eq!(h.txn_status(at(100), txn).age_ms, 0);
+    assert_eq!(h.txn_status(at(350), txn).age_ms, 250);
+    // A clock that went backwards gives 0, not an underflow.
+    assert_eq!(h.txn_status(at(40), txn).age_ms, 0);
+    // Unheld transactions have no age.
+    let old = TxnId { epoch: EPOCH - 1, seq: 1 };
+    assert_eq!(h.txn_status(at(350), old).age_ms, 0);
+}
+
+// ---------------------------------------------------------------------------
+// Garbage collection: the horizon
+// ---------------------------------------------------------------------------
+
+fn forgotten_status(txn: TxnId) -> TxnStatus {
+    TxnStatus {
+        txn,
+        state: TxnState::Forgotten,
+        abort_reason: None,
+        participants: vec![],
+        deadline: None,
+        finished: true,
+        age_ms: 0,
+        presumed: true,
+    }
+}
+
+fn presumed_aborted_status(txn: TxnId) -> TxnStatus {
+    TxnStatus {
+        txn,
+        state: TxnState::Aborted,
+        abort_reason: Some(presumed_abort()),
+        participants: vec![],
+        deadline: None,
+        finished: true,
+        age_ms: 0,
+        presumed: true,
+    }
+}
+
+#[test]
+fn forget_raises_the_horizon_to_the_highest_forgotten_commit() {
+    let mut h = H::new();
+    let (t1, _) = h.committed(&["a"]);
+    let (t2, _) = h.committed(&["b"]);
+    assert!(t1 < t2);
+    assert_eq!(h.delivered(at(400), t1, "a", Ok(())).len(), 2);
+    assert_eq!(h.delivered(at(400), t2, "b", Ok(())).len(), 2);
+    let later = at(400).plus(RETENTION);
+    // The newer one first.
+    assert_eq!(h.timer(later, Timer::Forget(t2)), vec![Fx::ForgetDecision { txn: t2, horizon: t2 }]);
+    assert_eq!(h.txn_status(later, t2), forgotten_status(t2));
+    // t1 is below the horizon but still held: answered from memory.
+    let s = h.txn_status(later, t1);
+    assert_eq!((s.state, s.presumed), (TxnState::Committed, false));
+    let (req, fx) = h.commit(later, t1);
+    assert_eq!(fx, vec![committed_fx(req, t1)]);
+    assert_eq!(h.query(later, t1), Decision::Commit);
+    // Forgetting it afterwards does not lower the horizon.
+    assert_eq!(h.timer(later, Timer::Forget(t1)), vec![Fx::ForgetDecision { txn: t1, horizon: t2 }]);
+    assert_eq!(h.txn_status(later, t1), forgotten_status(t1));
+    // The next id is above the horizon and not yet issued.
+    let next = TxnId { epoch: EPOCH, seq: t2.seq + 1 };
+    assert_eq!(h.status(later, next), Reply::Error(CoreError::NotFound(next)));
+}
+
+#[test]
+fn forgotten_aborts_are_forgotten_below_the_horizon_and_presumed_aborted_above_it() {
+    let mut h = H::new();
+    let (below, _) = h.active(&["a"]);
+    let _ = h.abort(at(50), below, "");
+    assert_eq!(h.delivered(at(60), below, "a", Ok(())), vec![forget_fx(at(60), below)]);
+    let (committed, _) = h.committed(&["b"]);
+    assert_eq!(h.delivered(at(400), committed, "b", Ok(())).len(), 2);
+    let (above, _) = h.active(&["a"]);
+    let _ = h.abort(at(50), above, "");
+    assert_eq!(h.delivered(at(60), above, "a", Ok(())), vec![forget_fx(at(60), above)]);
+    assert!(below < committed && committed < above);
+
+    // An abort has no record: forgetting it emits nothing and leaves the
+    // horizon alone.
+    let t = at(60).plus(RETENTION);
+    assert_eq!(h.timer(t, Timer::Forget(below)), vec![]);
+    assert_eq!(h.timer(t, Timer::Forget(above)), vec![]);
+    assert_eq!(h.txn_status(t, below), presumed_aborted_status(below), "no horizon yet");
+
+    let later = at(400).plus(RETENTION);
+    assert_eq!(h.timer(later, Timer::Forget(committed)), vec![Fx::ForgetDecision { txn: committed, horizon: committed }]);
+    // At or below the horizon: the outcome is no longer known.
+    for txn in [below, committed] {
+        assert_eq!(h.txn_status(later, txn), forgotten_status(txn));
+        let (req, fx) = h.commit(later, txn);
+        assert_eq!(fx, vec![error_fx(req, CoreError::Forgotten(txn))]);
+        let (req, fx) = h.abort(later, txn, "");
+        assert_eq!(fx, vec![error_fx(req, CoreError::Forgotten(txn))]);
+        assert_eq!(h.query(later, txn), Decision::Abort);
+    }
+    // Above it: presumed aborted, as before.
+    assert_eq!(h.txn_status(later, above), presumed_aborted_status(above));
+    let (req, fx) = h.commit(later, above);
+    assert_eq!(fx, vec![aborted_fx(req, above, presumed_abort())]);
+    let (req, fx) = h.abort(later, above, "");
+    assert_eq!(fx, vec![reply_fx(req, Reply::Aborted { txn: above })]);
+    assert_eq!(h.query(later, above), Decision::Abort);
+    // Never issued: not found.
+    let never = TxnId { epoch: EPOCH, seq: above.seq + 1 };
+    assert_eq!(h.status(later, never), Reply::Error(CoreError::NotFound(never)));
+    let (req, fx) = h.commit(later, never);
+    assert_eq!(fx, vec![error_fx(req, CoreError::NotFound(never))]);
+    let (req, fx) = h.abort(later, never, "");
+    assert_eq!(fx, vec![error_fx(req, CoreError::NotFound(never))]);
+}
+
+#[test]
+fn forgotten_commit_without_a_record_is_never_presumed_aborted() {
+    let mut h = H::new();
+    let (trivial, _) = h.begin_at(T0, 0);
+    let (req, fx) = h.commit(at(1), trivial);
+    assert_eq!(fx, vec![committed_fx(req, trivial), forget_fx(at(1), trivial)]);
+    let (read_only, _, req) = h.preparing(&["a"]);
+    assert_eq!(h.vote(at(150), read_only, "a", Ok(Vote::ReadOnly)), vec![committed_fx(req, read_only), forget_fx(at(150), read_only)]);
+    // Forgetting them raises the horizon (there is no record to delete), so
+    // the callers, told Committed, never hear aborted.
+    assert!(trivial < read_only);
+    assert_eq!(h.timer(at(1).plus(RETENTION), Timer::Forget(trivial)), vec![Fx::ForgetDecision { txn: trivial, horizon: trivial }]);
+    let later = at(150).plus(RETENTION);
+    assert_eq!(h.timer(later, Timer::Forget(read_only)), vec![Fx::ForgetDecision { txn: read_only, horizon: read_only }]);
+    for txn in [trivial, read_only] {
+        assert_eq!(h.txn_status(later, txn), forgotten_status(txn));
+        let (req, fx) = h.commit(later, txn);
+        assert_eq!(fx, vec![error_fx(req, CoreError::Forgotten(txn))]);
+        let (req, fx) = h.abort(later, txn, "");
+        assert_eq!(fx, vec![error_fx(req, CoreError::Forgotten(txn))]);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// List
+// ---------------------------------------------------------------------------
+
+#[test]
+fn list_is_oldest_first_and_summarises_the_in_doubt() {
+    let mut h = H::new();
+    assert_eq!(h.list(T0, false, 10), TxnList { transactions: vec![], in_doubt: 0, oldest_in_doubt_ms: 0 });
+    // t1: Active since 0 (not in doubt: nobody prepared).
+    let (t1, d1) = h.begin_at(at(0), 0);
+    h.enlist_ok(at(1), t1, "a", d1);
+    // t2: Preparing since 100.
+    let (t2, d2) = h.begin_at(at(100), 0);
+    h.enlist_ok(at(101), t2, "a", d2);
+    let (r2, fx) = h.commit(at(102), t2);
+    assert_eq!(fx.len(), 2);
+    // t3: Deciding since 200.
+    let (t3, d3) = h.begin_at(at(200), 0);
+    h.enlist_ok(at(201), t3, "a", d3);
+    let _ = h.commit(at(202), t3);
+    assert_eq!(h.vote(at(203), t3, "a", Ok(Vote::Yes)).len(), 1);
+    // t4: Aborted since 300, the abort not yet acknowledged.
+    let (t4, d4) = h.begin_at(at(300), 0);
+    h.enlist_ok(at(301), t4, "a", d4);
+    let _ = h.abort(at(302), t4, "");
+    // t5: committed at 400 with no participants: finished.
+    let (t5, _) = h.begin_at(at(400), 0);
+    let _ = h.commit(at(401), t5);
+    // t6: Committed since 500, the commit not yet acknowledged.
+    let (t6, d6) = h.begin_at(at(500), 0);
+    h.enlist_ok(at(501), t6, "a", d6);
+    let _ = h.commit(at(502), t6);
+    let _ = h.vote(at(503), t6, "a", Ok(Vote::Yes));
+    assert_eq!(h.durable(at(504), t6).len(), 2);
+
+    let now = at(1_000);
+    let all: Vec<TxnStatus> = [t1, t2, t3, t4, t5, t6].into_iter().map(|t| h.txn_status(now, t)).collect();
+    assert_eq!(
+        all.iter().map(|s| (s.state, s.finished, s.age_ms)).collect::<Vec<_>>(),
+        vec![
+            (TxnState::Active, false, 1_000),
+            (TxnState::Preparing, false, 900),
+            (TxnState::Deciding, false, 800),
+            (TxnState::Aborted, false, 700),
+            (TxnState::Committed, true, 600),
+            (TxnState::Committed, false, 500),
+        ]
+    );
+    let doubtful: Vec<TxnStatus> = [1, 2, 3, 5].into_iter().map(|i| all[i].clone()).collect();
+    assert_eq!(h.list(now, false, 100), TxnList { transactions: all.clone(), in_doubt: 4, oldest_in_doubt_ms: 900 });
+    assert_eq!(h.list(now, true, 100), TxnList { transactions: doubtful.clone(), in_doubt: 4, oldest_in_doubt_ms: 900 });
+    // The limit keeps the oldest; the summary still covers everything.
+    assert_eq!(h.list(now, false, 3), TxnList { transactions: all[..3].to_vec(), in_doubt: 4, oldest_in_doubt_ms: 900 });
+    assert_eq!(h.list(now, true, 2), TxnList { transactions: doubtful[..2].to_vec(), in_doubt: 4, oldest_in_doubt_ms: 900 });
+    assert_eq!(h.list(now, true, 0), TxnList { transactions: vec![], in_doubt: 4, oldest_in_doubt_ms: 900 });
+
+    // t2 settles (its only participant votes NO): the oldest in doubt is t3.
+    let fx = h.vote(at(1_050), t2, "a", Ok(Vote::No("no".into())));
+    let reason = AbortReason::at(AbortCode::ParticipantVotedNo, &p("a"), "no");
+    assert_eq!(fx, vec![aborted_fx(r2, t2, reason), forget_fx(at(1_050), t2)]);
+    let l = h.list(at(1_050), true, 100);
+    assert_eq!(l.transactions.iter().map(|s| s.txn).collect::<Vec<_>>(), vec![t3, t4, t6]);
+    assert_eq!((l.in_doubt, l.oldest_in_doubt_ms), (3, 850));
+
+    // Settle the rest. t1 stays Active: listed, never in doubt.
+    assert_eq!(h.delivered(at(1_100), t4, "a", Ok(())), vec![forget_fx(at(1_100), t4)]);
+    assert_eq!(h.durable(at(1_100), t3).len(), 2);
+    assert_eq!(h.delivered(at(1_100), t3, "a", Ok(())).len(), 2);
+    assert_eq!(h.delivered(at(1_100), t6, "a", Ok(())).len(), 2);
+    assert_eq!(h.list(at(2_000), true, 100), TxnList { transactions: vec![], in_doubt: 0, oldest_in_doubt_ms: 0 });
+    let l = h.list(at(2_000), false, 100);
+    assert_eq!(l.transactions.iter().map(|s| (s.txn, s.finished)).collect::<Vec<_>>(), [t1, t2, t3, t4, t5, t6].map(|t| (t, t != t1)));
+    assert_eq!((l.in_doubt, l.oldest_in_doubt_ms), (0, 0));
+    assert!(l.transactions.iter().all(|s| !s.presumed));
+}
+
+#[test]
+fn list_orders_across_epochs_ages_recovered_ones_from_their_decision_and_omits_the_forgotten() {
+    let mut h = H::new();
+    let old = TxnId { epoch: EPOCH - 1, seq: 50 };
+    let fx = norm(h.core.recover(T0, vec![(old, decision_record(&["a"], UnixMillis(T0.0 - 5_000), false))], None));
+    assert_eq!(fx, vec![commit_to(old, "a")]);
+    let (txn, _) = h.active(&["a"]);
+    let (t2, _, _) = h.preparing(&["b"]);
+    let l = h.list(at(500), false, 10);
+    assert_eq!(
+        l.transactions.iter().map(|s| (s.txn, s.state, s.age_ms)).collect::<Vec<_>>(),
+        vec![(old, TxnState::Committed, 5_500), (txn, TxnState::Active, 500), (t2, TxnState::Preparing, 500)]
+    );
+    assert_eq!((l.in_doubt, l.oldest_in_doubt_ms), (2, 5_500));
+    // Once forgotten, it is no longer listed.
+    assert_eq!(h.delivered(at(600), old, "a", Ok(())).len(), 2);
+    let l = h.list(at(600), true, 10);
+    assert_eq!(l.transactions.iter().map(|s| s.txn).collect::<Vec<_>>(), vec![t2]);
+    assert_eq!((l.in_doubt, l.oldest_in_doubt_ms), (1, 600));
+    assert_eq!(h.list(at(600), false, 10).transactions.len(), 3, "finished, not yet forgotten");
+    assert_eq!(h.timer(at(600).plus(RETENTION), Timer::Forget(old)), vec![Fx::ForgetDecision { txn: old, horizon: old }]);
+    let l = h.list(at(600).plus(RETENTION), false, 10);
+    assert_eq!(l.transactions.iter().map(|s| s.txn).collect::<Vec<_>>(), vec![txn, t2]);
 }
 
 // ---------------------------------------------------------------------------
@@ -1276,6 +1594,72 @@ fn recovered_and_new_transactions_coexist() {
     let (txn, _) = h.begin_at(T0, 0);
     assert_eq!(txn, TxnId { epoch: EPOCH, seq: 1 });
     assert_eq!(h.core.unfinished(), 2);
+}
+
+#[test]
+fn recover_with_a_horizon_answers_forgotten_at_or_below_it() {
+    let mut h = H::new();
+    let horizon = TxnId { epoch: EPOCH - 1, seq: 20 };
+    let live = TxnId { epoch: EPOCH - 1, seq: 15 };
+    let fx = norm(h.core.recover(T0, vec![(live, decision_record(&["a"], UnixMillis(T0.0 - 100), false))], Some(horizon)));
+    assert_eq!(fx, vec![commit_to(live, "a")]);
+    // A held transaction is answered from memory, below the horizon or not.
+    let s = h.txn_status(at(1), live);
+    assert_eq!((s.state, s.presumed, s.age_ms), (TxnState::Committed, false, 101));
+    assert_eq!(h.query(at(1), live), Decision::Commit);
+    // At and below the horizon, in that run and earlier ones: forgotten.
+    for txn in [horizon, TxnId { epoch: EPOCH - 1, seq: 1 }, TxnId { epoch: EPOCH - 3, seq: 99 }] {
+        assert_eq!(h.txn_status(at(1), txn), forgotten_status(txn));
+        let (req, fx) = h.commit(at(1), txn);
+        assert_eq!(fx, vec![error_fx(req, CoreError::Forgotten(txn))]);
+        let (req, fx) = h.abort(at(1), txn, "");
+        assert_eq!(fx, vec![error_fx(req, CoreError::Forgotten(txn))]);
+        assert_eq!(h.query(at(1), txn), Decision::Abort);
+    }
+    // Above it, of that run: presumed aborted.
+    let above = TxnId { epoch: EPOCH - 1, seq: 21 };
+    assert_eq!(h.txn_status(at(1), above), presumed_aborted_status(above));
+    let (req, fx) = h.commit(at(1), above);
+    assert_eq!(fx, vec![aborted_fx(req, above, presumed_abort())]);
+    let (req, fx) = h.abort(at(1), above, "");
+    assert_eq!(fx, vec![reply_fx(req, Reply::Aborted { txn: above })]);
+    // This run's ids are above it: not found until issued.
+    let first = TxnId { epoch: EPOCH, seq: 1 };
+    assert_eq!(h.status(at(1), first), Reply::Error(CoreError::NotFound(first)));
+    let (txn, _) = h.begin_at(at(2), 0);
+    assert_eq!(txn, first);
+    assert_eq!(h.txn_status(at(2), txn).state, TxnState::Active);
+    // Forgetting the recovered one keeps the higher horizon.
+    assert_eq!(
+        h.delivered(at(3), live, "a", Ok(())),
+        vec![Fx::Persist { txn: live, record: decision_record(&["a"], at(3), true), synced: false }, forget_fx(at(3), live)]
+    );
+    assert_eq!(h.timer(at(3).plus(RETENTION), Timer::Forget(live)), vec![Fx::ForgetDecision { txn: live, horizon }]);
+    assert_eq!(h.txn_status(at(3).plus(RETENTION), live), forgotten_status(live));
+}
+
+#[test]
+fn forget_of_a_recovered_record_without_valid_participants_deletes_it() {
+    let mut h = H::new();
+    // Ended, naming only an invalid participant; and not ended, naming none.
+    let t1 = TxnId { epoch: EPOCH - 1, seq: 1 };
+    let t2 = TxnId { epoch: EPOCH - 1, seq: 2 };
+    let mut r1 = decision_record(&[], UnixMillis(T0.0 - RETENTION), true);
+    r1.participants.push(LoggedParticipant { name: "not a name!".into(), endpoint: ep("x") });
+    let r2 = decision_record(&[], UnixMillis(T0.0 - 10), false);
+    let fx = norm(h.core.recover(T0, vec![(t1, r1), (t2, r2)], None));
+    assert_eq!(
+        fx,
+        vec![
+            Fx::Timer(T0, Timer::Forget(t1)),
+            Fx::Persist { txn: t2, record: decision_record(&[], T0, true), synced: false },
+            forget_fx(T0, t2)
+        ]
+    );
+    assert_eq!(h.timer(T0, Timer::Forget(t1)), vec![Fx::ForgetDecision { txn: t1, horizon: t1 }]);
+    assert_eq!(h.timer(T0.plus(RETENTION), Timer::Forget(t2)), vec![Fx::ForgetDecision { txn: t2, horizon: t2 }]);
+    assert_eq!(h.txn_status(T0.plus(RETENTION), t1), forgotten_status(t1));
+    assert_eq!(h.txn_status(T0.plus(RETENTION), t2), forgotten_status(t2));
 }
 
 // ---------------------------------------------------------------------------
@@ -1463,10 +1847,22 @@ const NAMES: [&str; 4] = ["a", "b", "c", "d"];
 struct Seen {
     commit: Option<String>,
     abort: Option<String>,
-    /// A synced PersistDecision was emitted.
+    /// A decision record exists: a synced PersistDecision was emitted, or
+    /// the record was recovered.
     logged: bool,
-    /// Durable was fed after that.
+    /// Durable was fed after that (or the record was recovered).
     durable: bool,
+    /// The END record exists: every YES voter acknowledged the commit.
+    ended: bool,
+    /// This run issued it (its Deadline timer was set).
+    begun: bool,
+    /// Its Forget timer was set.
+    forget_set: bool,
+    /// Its Forget timer fired: the core no longer holds it.
+    forgotten: bool,
+    /// ForgetDecision was emitted for it: its decision record, if it had
+    /// one, deleted, and the horizon raised to it.
+    forget_decision: bool,
     /// Enlisted replies.
     enlisted: BTreeSet<String>,
     /// SendPrepare targets.
@@ -1482,8 +1878,19 @@ struct Explorer {
     next_req: ReqId,
     txns: Vec<TxnId>,
     seen: BTreeMap<TxnId, Seen>,
+    /// The transactions the core holds (begun or recovered, not forgotten).
+    held: BTreeSet<TxnId>,
+    /// The garbage-collection horizon, as the ForgetDecision effects raise it.
+    horizon: Option<TxnId>,
+    /// The horizon recovery started from.
+    initial_horizon: Option<TxnId>,
+    /// The Forget timer being handled, if any, and whether its transaction
+    /// is a finished commit (so forgetting it must emit ForgetDecision).
+    forgetting: Option<(TxnId, bool)>,
     /// req → (what, txn) for replies that do not name their transaction.
     reqs: BTreeMap<ReqId, (&'static str, TxnId, String)>,
+    /// req → (in_doubt_only, limit) of List requests.
+    lists: BTreeMap<ReqId, (bool, usize)>,
     prepares: Vec<(TxnId, String)>,
     deliveries: Vec<(TxnId, String)>,
     persists: Vec<TxnId>,
@@ -1505,7 +1912,12 @@ impl Explorer {
             next_req: 0,
             txns: vec![TxnId { epoch: EPOCH - 1, seq: 1 }, TxnId { epoch: EPOCH, seq: 10_000 }],
             seen: BTreeMap::new(),
+            held: BTreeSet::new(),
+            horizon: None,
+            initial_horizon: None,
+            forgetting: None,
             reqs: BTreeMap::new(),
+            lists: BTreeMap::new(),
             prepares: Vec::new(),
             deliveries: Vec::new(),
             persists: Vec::new(),
@@ -1514,6 +1926,39 @@ impl Explorer {
             prefix: String::new(),
             ctx: String::new(),
         }
+    }
+
+    /// Recovers a random decision log of the previous run: one commit still
+    /// being delivered, maybe ended ones (one past its retention), and a
+    /// random horizon (none, below them, or above them).
+    fn recover(&mut self) {
+        let old = |seq| TxnId { epoch: EPOCH - 1, seq };
+        let mut records = vec![(old(2), decision_record(&["a", "b"], UnixMillis(T0.0 - 3_000), false))];
+        if self.rng.chance(50) {
+            records.push((old(3), decision_record(&["c"], UnixMillis(T0.0 - RETENTION - 5), true)));
+        }
+        if self.rng.chance(50) {
+            records.push((old(4), decision_record(&["a", "d"], UnixMillis(T0.0 - 1_000), true)));
+        }
+        let horizon = match self.rng.below(3) {
+            0 => None,
+            1 => Some(old(1)),
+            _ => Some(old(5)),
+        };
+        for (txn, record) in &records {
+            let s = self.seen.entry(*txn).or_default();
+            s.logged = true;
+            s.durable = true;
+            s.ended = record.ended;
+            s.commit = Some("recovered decision record".into());
+            self.held.insert(*txn);
+            self.txns.push(*txn);
+        }
+        self.horizon = horizon;
+        self.initial_horizon = horizon;
+        self.ctx = format!("{} recovering {records:?} with horizon {horizon:?}", self.prefix);
+        let effects = self.core.recover(self.now, records, horizon);
+        self.observe(effects);
     }
 
     fn req(&mut self) -> ReqId {
@@ -1527,6 +1972,10 @@ impl Explorer {
 
     fn name(&mut self) -> String {
         self.rng.pick(&NAMES).expect("never empty").to_owned()
+    }
+
+    fn below_horizon(&self, txn: TxnId) -> bool {
+        self.horizon.is_some_and(|h| txn <= h)
     }
 
     fn evidence(&mut self, txn: TxnId, commit: bool, what: String) {
@@ -1578,10 +2027,156 @@ impl Explorer {
         }
     }
 
+    fn check_held(&self, txn: TxnId, what: &str) {
+        assert!(self.held.contains(&txn), "{}: {what} about {txn}, which the core no longer holds", self.ctx);
+    }
+
+    /// The core answered "aborted" for a transaction it does not hold.
+    fn presumed_abort(&mut self, txn: TxnId, what: String) {
+        assert!(!self.held.contains(&txn), "{}: {what}: presumed abort of {txn}, which the core holds", self.ctx);
+        assert!(!self.below_horizon(txn), "{}: {what}: presumed abort of {txn} at or below the horizon {:?}", self.ctx, self.horizon);
+        self.evidence(txn, false, what);
+    }
+
+    /// The core answered that the outcome is no longer known.
+    fn forgotten(&self, txn: TxnId, what: &str) {
+        assert!(!self.held.contains(&txn), "{}: {what} for {txn}, which the core holds", self.ctx);
+        assert!(self.below_horizon(txn), "{}: {what} for {txn} above the horizon {:?}", self.ctx, self.horizon);
+    }
+
+    fn check_status(&mut self, st: &TxnStatus, what: String) {
+        let txn = st.txn;
+        let held = self.held.contains(&txn);
+        assert_eq!(st.presumed, !held, "{}: {what}: presumed answers are exactly those about unheld transactions: {st:?}", self.ctx);
+        if st.presumed {
+            assert!(
+                st.participants.is_empty() && st.deadline.is_none() && st.finished && st.age_ms == 0,
+                "{}: {what}: a presumed answer has no details: {st:?}",
+                self.ctx
+            );
+            match st.state {
+                TxnState::Forgotten => {
+                    assert_eq!(st.abort_reason, None, "{}: {what}", self.ctx);
+                    self.forgotten(txn, &what);
+                }
+                TxnState::Aborted => {
+                    assert_eq!(st.abort_reason, Some(presumed_abort()), "{}: {what}", self.ctx);
+                    self.presumed_abort(txn, what);
+                }
+                other => panic!("{}: {what}: presumed state {other:?}", self.ctx),
+            }
+            return;
+        }
+        match st.state {
+            TxnState::Committed => {
+                self.check_durable_first(txn, &what);
+                self.evidence(txn, true, what);
+            }
+            TxnState::Aborted => self.evidence(txn, false, what),
+            TxnState::Forgotten => panic!("{}: {what}: a held transaction reported Forgotten", self.ctx),
+            TxnState::Active | TxnState::Preparing | TxnState::Deciding => {
+                assert!(!st.finished, "{}: {what}: finished before a decision: {st:?}", self.ctx)
+            }
+        }
+    }
+
+    fn check_list(&mut self, l: &TxnList, in_doubt_only: bool, limit: usize) {
+        let ctx = self.ctx.clone();
+        let doubtful = |s: &TxnStatus| !s.finished && s.state != TxnState::Active;
+        assert!(l.transactions.len() <= limit, "{ctx}: {} listed, limit {limit}", l.transactions.len());
+        assert!(l.transactions.windows(2).all(|w| w[0].txn < w[1].txn), "{ctx}: List is not oldest first: {l:?}");
+        if in_doubt_only {
+            assert!(l.transactions.iter().all(doubtful), "{ctx}: in-doubt List shows a transaction not in doubt: {l:?}");
+        }
+        let listed_in_doubt = l.transactions.iter().filter(|s| doubtful(s)).count();
+        let listed_oldest = l.transactions.iter().filter(|s| doubtful(s)).map(|s| s.age_ms).max();
+        assert!(listed_in_doubt <= l.in_doubt, "{ctx}: {l:?}");
+        assert!(l.in_doubt <= self.core.unfinished(), "{ctx}: more in doubt than unfinished: {l:?}");
+        assert!(listed_oldest.unwrap_or(0) <= l.oldest_in_doubt_ms, "{ctx}: {l:?}");
+        if l.in_doubt == 0 {
+            assert_eq!(l.oldest_in_doubt_ms, 0, "{ctx}: {l:?}");
+        }
+        if l.transactions.len() < limit {
+            // Nothing was cut off: the summary is the listed one.
+            assert_eq!((listed_in_doubt, listed_oldest.unwrap_or(0)), (l.in_doubt, l.oldest_in_doubt_ms), "{ctx}: {l:?}");
+            if !in_doubt_only {
+                let ids: BTreeSet<TxnId> = l.transactions.iter().map(|s| s.txn).collect();
+                assert_eq!(ids, self.held, "{ctx}: List must show exactly the transactions held");
+            }
+        }
+        for st in &l.transactions {
+            self.check_status(st, format!("List entry for {}", st.txn));
+        }
+    }
+
     fn apply(&mut self, input: Input) {
+        let forget = match &input {
+            Input::Timer(Timer::Forget(txn)) => Some(*txn),
+            _ => None,
+        };
+        // Before a Forget timer fires, learn from the core whether it is
+        // about a finished commit.
+        let forgetting = forget.map(|txn| {
+            self.ctx = format!("{} at {:?} before {input:?}", self.prefix, self.now);
+            let st = self.status_of(txn);
+            assert!(
+                self.held.contains(&txn) && !st.presumed && st.finished,
+                "{}: Forget timer of {txn}, which is not held and finished: {st:?}",
+                self.ctx
+            );
+            (txn, st.state == TxnState::Committed)
+        });
         self.ctx = format!("{} at {:?} after {input:?}", self.prefix, self.now);
+        self.forgetting = forgetting;
         let effects = self.core.step(self.now, input);
         self.observe(effects);
+        self.forgetting = None;
+        if let Some((txn, commit)) = forgetting {
+            self.forgot(txn, commit);
+        }
+    }
+
+    /// Asks the core for `txn`'s status, checks the reply like any other, and
+    /// returns it.
+    fn status_of(&mut self, txn: TxnId) -> TxnStatus {
+        let req = self.req();
+        let effects = self.core.step(self.now, Input::Status { req, txn });
+        let st = match effects.as_slice() {
+            [Effect::Reply { req: r, reply: Reply::Status(st) }] if *r == req => st.clone(),
+            other => panic!("{}: Status of {txn} answered {other:?}", self.ctx),
+        };
+        self.observe(effects);
+        st
+    }
+
+    /// A Forget timer fired. It is set once, when a transaction finishes,
+    /// and fires once, so the core must have dropped the transaction. It
+    /// must have emitted ForgetDecision exactly when the transaction
+    /// committed (record or not), and a forgotten commit is Forgotten from
+    /// then on, never presumed aborted.
+    fn forgot(&mut self, txn: TxnId, commit: bool) {
+        let ctx = self.ctx.clone();
+        let s = self.seen.entry(txn).or_default();
+        assert!(s.forget_set && !s.forgotten, "{ctx}: Forget timer of {txn} never set, or fired twice");
+        s.forgotten = true;
+        assert_eq!(s.forget_decision, commit, "{ctx}: forgetting {txn} must emit ForgetDecision exactly when it committed");
+        self.held.remove(&txn);
+        let st = self.status_of(txn);
+        if commit {
+            assert_eq!(st.state, TxnState::Forgotten, "{ctx}: a forgotten commit must be Forgotten: {st:?}");
+        }
+    }
+
+    fn query(&mut self, txn: TxnId) {
+        let req = self.req();
+        self.reqs.insert(req, ("query", txn, String::new()));
+        self.apply(Input::QueryDecision { req, txn });
+    }
+
+    fn list(&mut self, in_doubt_only: bool, limit: usize) {
+        let req = self.req();
+        self.lists.insert(req, (in_doubt_only, limit));
+        self.apply(Input::List { req, in_doubt_only, limit });
     }
 
     fn observe(&mut self, effects: Vec<Effect>) {
@@ -1589,10 +2184,12 @@ impl Explorer {
             match e {
                 Effect::Reply { req, reply } => {
                     let tag = self.reqs.remove(&req);
+                    let list = self.lists.remove(&req);
                     match reply {
                         // Ids are collected from the Deadline timers.
                         Reply::Begun { .. } => {}
                         Reply::Outcome { txn, outcome: Outcome::Committed } => {
+                            self.check_held(txn, "Committed reply");
                             self.check_durable_first(txn, "Committed reply");
                             if !self.seen.get(&txn).is_some_and(|s| s.logged) {
                                 self.check_valid_commit(txn, None);
@@ -1600,19 +2197,61 @@ impl Explorer {
                             self.evidence(txn, true, format!("Committed reply to {req}"));
                         }
                         Reply::Outcome { txn, outcome: Outcome::Aborted(r) } => {
-                            self.evidence(txn, false, format!("Aborted({:?}) reply to {req}", r.code))
+                            let what = format!("Aborted({:?}) reply to {req}", r.code);
+                            if r.code == AbortCode::PresumedAbort {
+                                assert_eq!(r, presumed_abort(), "{}", self.ctx);
+                                self.presumed_abort(txn, what);
+                            } else {
+                                self.check_held(txn, &what);
+                                self.evidence(txn, false, what);
+                            }
                         }
-                        Reply::Aborted { txn } => self.evidence(txn, false, format!("Aborted reply to {req}")),
-                        Reply::Error(CoreError::AlreadyCommitted(txn)) => self.evidence(txn, true, format!("AlreadyCommitted to {req}")),
+                        Reply::Aborted { txn } => {
+                            let what = format!("Aborted reply to {req}");
+                            if self.held.contains(&txn) {
+                                self.evidence(txn, false, what);
+                            } else {
+                                self.presumed_abort(txn, what);
+                            }
+                        }
+                        Reply::Error(CoreError::AlreadyCommitted(txn)) => {
+                            self.check_held(txn, "AlreadyCommitted");
+                            self.evidence(txn, true, format!("AlreadyCommitted to {req}"));
+                        }
+                        Reply::Error(CoreError::Forgotten(txn)) => self.forgotten(txn, &format!("Forgotten error to {req}")),
+                        Reply::Error(CoreError::NotFound(txn)) => {
+                            assert!(
+                                txn.epoch >= EPOCH
+                                    && !self.held.contains(&txn)
+                                    && !self.below_horizon(txn)
+                                    && !self.seen.get(&txn).is_some_and(|s| s.begun || s.logged),
+                                "{}: NotFound for {txn}, which was issued",
+                                self.ctx
+                            );
+                        }
+                        Reply::Error(_) => {}
                         Reply::Decision(d) => {
                             let Some((_, txn, _)) = tag else { panic!("{}: untracked decision reply", self.ctx) };
+                            let what = format!("QueryDecision {req} said {d:?}");
                             match d {
                                 Decision::Commit => {
-                                    self.check_durable_first(txn, "Decision::Commit");
-                                    self.evidence(txn, true, format!("QueryDecision {req} said Commit"));
+                                    self.check_held(txn, &what);
+                                    self.check_durable_first(txn, &what);
+                                    self.evidence(txn, true, what);
                                 }
-                                Decision::Abort => self.evidence(txn, false, format!("QueryDecision {req} said Abort")),
-                                Decision::Pending => {}
+                                Decision::Abort if !self.held.contains(&txn) => match self.seen.get(&txn) {
+                                    // A forgotten commit: presumed abort is
+                                    // safe only because every YES voter had
+                                    // acknowledged it (or there was none).
+                                    Some(s) if s.commit.is_some() => assert!(
+                                        s.forgotten && (s.ended || !s.logged),
+                                        "{}: {what} for committed {txn} before every YES voter acknowledged",
+                                        self.ctx
+                                    ),
+                                    _ => self.evidence(txn, false, what),
+                                },
+                                Decision::Abort => self.evidence(txn, false, what),
+                                Decision::Pending => self.check_held(txn, &what),
                             }
                         }
                         Reply::Enlisted { .. } => {
@@ -1621,12 +2260,11 @@ impl Explorer {
                             assert!(s.prepared_to.is_empty(), "{}: {name} enlisted in {txn} after its prepares went out", self.ctx);
                             s.enlisted.insert(name);
                         }
-                        Reply::Status(st) => match st.state {
-                            TxnState::Committed => self.evidence(st.txn, true, "Status Committed".into()),
-                            TxnState::Aborted => self.evidence(st.txn, false, "Status Aborted".into()),
-                            _ => {}
-                        },
-                        Reply::Error(_) => {}
+                        Reply::Status(st) => self.check_status(&st, format!("Status reply to {req}")),
+                        Reply::List(l) => {
+                            let Some((in_doubt_only, limit)) = list else { panic!("{}: untracked List reply", self.ctx) };
+                            self.check_list(&l, in_doubt_only, limit);
+                        }
                     }
                 }
                 Effect::PersistDecision { txn, record, synced } => {
@@ -1641,8 +2279,27 @@ impl Explorer {
                     } else {
                         assert!(record.ended, "{}: lazy records are END records", self.ctx);
                         self.check_durable_first(txn, "END record");
+                        let s = self.seen.entry(txn).or_default();
+                        assert!(s.logged && !s.ended, "{}: END record of {txn} without a decision record, or twice", self.ctx);
+                        s.ended = true;
                         self.evidence(txn, true, "END record".into());
                     }
+                }
+                Effect::ForgetDecision { txn, horizon } => {
+                    let ctx = self.ctx.clone();
+                    assert_eq!(
+                        self.forgetting,
+                        Some((txn, true)),
+                        "{ctx}: ForgetDecision of {txn} other than from the Forget timer of a held, finished commit"
+                    );
+                    let expected = self.horizon.max(Some(txn));
+                    let s = self.seen.entry(txn).or_default();
+                    assert!(s.commit.is_some(), "{ctx}: ForgetDecision of {txn}, which shows no commit");
+                    assert!(!s.logged || s.ended, "{ctx}: ForgetDecision of {txn} before every YES voter acknowledged (no END record)");
+                    assert!(!s.forget_decision, "{ctx}: ForgetDecision of {txn} twice");
+                    s.forget_decision = true;
+                    assert_eq!(Some(horizon), expected, "{ctx}: the horizon is the highest forgotten commit");
+                    self.horizon = Some(horizon);
                 }
                 Effect::SendPrepare { txn, participant, .. } => {
                     let s = self.seen.entry(txn).or_default();
@@ -1655,14 +2312,48 @@ impl Explorer {
                     if commit {
                         self.check_durable_first(txn, "SendDecision Commit");
                     }
+                    self.check_held(txn, "SendDecision");
                     self.evidence(txn, commit, format!("SendDecision {} to {participant}", if commit { "Commit" } else { "Abort" }));
-                    self.deliveries.push((txn, participant.as_str().to_owned()));
+                    let key = (txn, participant.as_str().to_owned());
+                    assert!(
+                        !self.deliveries.contains(&key),
+                        "{}: a second phase-two message to {participant} of {txn} in flight",
+                        self.ctx
+                    );
+                    assert!(
+                        !self.timers.iter().any(|(_, t)| *t == Timer::Retry(txn, participant.clone())),
+                        "{}: phase-two message to {participant} of {txn} while a retry is scheduled",
+                        self.ctx
+                    );
+                    self.deliveries.push(key);
                 }
                 Effect::SetTimer { at, timer } => {
-                    if let Timer::Deadline(txn) = timer
-                        && !self.txns.contains(&txn)
-                    {
-                        self.txns.push(txn); // Execute ids
+                    match &timer {
+                        Timer::Deadline(txn) => {
+                            if !self.txns.contains(txn) {
+                                self.txns.push(*txn); // Execute ids
+                            }
+                            self.held.insert(*txn);
+                            self.seen.entry(*txn).or_default().begun = true;
+                        }
+                        Timer::Retry(txn, participant) => {
+                            assert!(
+                                !self.timers.iter().any(|(_, t)| *t == timer),
+                                "{}: a second retry to {participant} of {txn} scheduled",
+                                self.ctx
+                            );
+                            assert!(
+                                !self.deliveries.contains(&(*txn, participant.as_str().to_owned())),
+                                "{}: a retry to {participant} of {txn} scheduled while a message is in flight",
+                                self.ctx
+                            );
+                        }
+                        Timer::Forget(txn) => {
+                            let s = self.seen.entry(*txn).or_default();
+                            assert!(!s.forget_set, "{}: Forget timer of {txn} set twice", self.ctx);
+                            s.forget_set = true;
+                        }
+                        Timer::PrepareTimeout(_) => {}
                     }
                     self.timers.push((at, timer));
                 }
@@ -1739,17 +2430,24 @@ impl Explorer {
                 }
             }
             37..=40 => {
-                let req = self.req();
                 let txn = self.txn();
-                self.reqs.insert(req, ("query", txn, String::new()));
-                self.apply(Input::QueryDecision { req, txn });
+                self.query(txn);
             }
             41..=42 => {
                 let req = self.req();
                 let txn = self.txn();
                 self.apply(Input::Status { req, txn });
             }
-            43..=60 => {
+            43 => {
+                let in_doubt_only = self.rng.chance(50);
+                let limit = match self.rng.below(3) {
+                    0 => 0,
+                    1 => 1 + self.rng.below(4) as usize,
+                    _ => usize::MAX,
+                };
+                self.list(in_doubt_only, limit);
+            }
+            44..=60 => {
                 if let Some((txn, name)) = self.rng.take(&mut self.prepares) {
                     let vote = self.vote();
                     self.feed_vote(txn, name, vote);
@@ -1797,7 +2495,8 @@ impl Explorer {
     }
 
     /// Answers everything favourably until nothing is left to do; every
-    /// transaction must then be finished.
+    /// transaction must then be finished and forgotten, and every commit
+    /// forgotten by ForgetDecision (deleting its decision record, if any).
     fn drain(&mut self) {
         for _ in 0..100_000 {
             if let Some((txn, name)) = self.prepares.pop() {
@@ -1815,21 +2514,47 @@ impl Explorer {
                 self.apply(Input::Timer(timer));
             } else {
                 assert_eq!(self.core.unfinished(), 0, "{}: transactions left unfinished after draining", self.ctx);
+                self.check_drained();
                 return;
             }
         }
         panic!("{}: draining did not terminate", self.ctx);
     }
+
+    /// After draining: nothing is held, every commit (so every decision
+    /// record) is forgotten by ForgetDecision, the horizon is the highest of
+    /// them, and asking about every transaction once more contradicts
+    /// nothing said before.
+    fn check_drained(&mut self) {
+        assert!(self.held.is_empty(), "{}: still held after every timer fired: {:?}", self.ctx, self.held);
+        self.list(false, usize::MAX);
+        let unforgotten: Vec<TxnId> = self.seen.iter().filter(|(_, s)| s.commit.is_some() && !s.forget_decision).map(|(t, _)| *t).collect();
+        assert!(unforgotten.is_empty(), "{}: commits never forgotten by ForgetDecision: {unforgotten:?}", self.ctx);
+        let highest = self.seen.iter().filter(|(_, s)| s.commit.is_some()).map(|(t, _)| *t).max();
+        assert_eq!(self.horizon, self.initial_horizon.max(highest), "{}: final horizon", self.ctx);
+        for txn in self.txns.clone() {
+            let req = self.req();
+            self.apply(Input::Status { req, txn });
+            let req = self.req();
+            self.apply(Input::Commit { req, txn });
+            let req = self.req();
+            self.apply(Input::Abort { req, txn, detail: String::new() });
+            self.query(txn);
+        }
+    }
 }
 
-#[test]
-fn random_inputs_never_change_a_decision() {
+fn explore() {
     let seed = seed_from_env_or_clock();
-    eprintln!("random_inputs_never_change_a_decision: TWOPC_SEED={seed}");
+    eprintln!("random exploration: TWOPC_SEED={seed}");
     let mut master = Rng(seed);
     for scenario in 0..40 {
         let sub = master.next();
         let mut x = Explorer::new(sub);
+        if x.rng.chance(50) {
+            x.prefix = format!("seed {seed} scenario {scenario} recovery");
+            x.recover();
+        }
         for step in 0..400 {
             x.prefix = format!("seed {seed} scenario {scenario} step {step}");
             x.random_step();
@@ -1837,4 +2562,16 @@ fn random_inputs_never_change_a_decision() {
         x.prefix = format!("seed {seed} scenario {scenario} drain");
         x.drain();
     }
+}
+
+/// Random inputs, checking after every effect that no decision changes, that
+/// a commit is valid and durable before anyone learns it, that phase two has
+/// at most one message or retry per participant, that every finished commit
+/// (and only a commit, and only once every YES voter acknowledged it) is
+/// forgotten by ForgetDecision under the right horizon and is never presumed
+/// aborted afterwards, and that List and Status agree with what the core
+/// holds.
+#[test]
+fn random_inputs_never_change_a_decision() {
+    explore();
 }

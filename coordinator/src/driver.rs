@@ -170,11 +170,7 @@ impl Driver {
             Effect::PersistDecision { txn, record, synced } => {
                 if synced {
                     twopc_storage::crash_point!("coordinator::before_decision_write");
-                } else {
-                    twopc_storage::crash_point!("coordinator::before_end_write");
-                }
-                let ticket = self.log.persist(txn, &record, synced);
-                if synced {
+                    let ticket = self.log.persist(txn, &record, true);
                     self.internal(async move {
                         match twopc_storage::wait(ticket).await {
                             Ok(()) => Input::Durable { txn },
@@ -185,6 +181,8 @@ impl Driver {
                         }
                     });
                 } else {
+                    twopc_storage::crash_point!("coordinator::before_end_write");
+                    let ticket = self.log.persist(txn, &record, false);
                     tokio::spawn(async move {
                         if let Err(e) = twopc_storage::wait(ticket).await {
                             warn!(%txn, error = %e, "END record write failed; it is rewritten after a restart");

@@ -134,7 +134,8 @@ pub fn check(bank: &Bank, transfers: &[(Transfer, Told)], snapshots: &[Snapshot]
         let present: Vec<bool> = t.legs.iter().map(|(svc, _, _)| snapshots[*svc].entries.contains_key(&key)).collect();
         let applied = present.iter().all(|p| *p);
         if !applied && present.iter().any(|p| *p) {
-            let at: Vec<&str> = t.legs.iter().zip(&present).filter(|(_, p)| **p).map(|((svc, _, _), _)| bank.services[*svc].as_str()).collect();
+            let at: Vec<&str> =
+                t.legs.iter().zip(&present).filter(|(_, p)| **p).map(|((svc, _, _), _)| bank.services[*svc].as_str()).collect();
             v.violations.push(format!("agreement: transfer {} applied only at {}", t.id, at.join(", ")));
             continue;
         }

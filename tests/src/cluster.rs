@@ -270,7 +270,10 @@ impl ProcCluster {
                     Ok(s) => {
                         if s.locked_keys + s.in_doubt > 0 {
                             ok = false;
-                            last = format!("{} holds {} locks and {} in-doubt transactions", self.participants[i].name, s.locked_keys, s.in_doubt);
+                            last = format!(
+                                "{} holds {} locks and {} in-doubt transactions",
+                                self.participants[i].name, s.locked_keys, s.in_doubt
+                            );
                         }
                         snaps.push(s);
                     }

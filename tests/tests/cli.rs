@@ -74,6 +74,14 @@ async fn cli_execute_status_and_errors() {
     let js = twopc(&url, &["--json", "status", &txn]).await;
     assert!(js.stdout.contains("\"state\":\"committed\""), "{}", js.stdout);
 
+    let list = twopc(&url, &["list"]).await;
+    assert_eq!(list.code, 0, "{}", list.stderr);
+    // (Phase two may still be finishing: the in-doubt count is 0 or 1.)
+    assert!(list.stdout.contains(" in doubt; oldest in doubt ") && list.stdout.contains(&txn), "{}", list.stdout);
+    let doubt = twopc(&url, &["--json", "list", "--in-doubt"]).await;
+    assert_eq!(doubt.code, 0, "{}", doubt.stderr);
+    assert!(doubt.stdout.starts_with("{\"in_doubt\":"), "{}", doubt.stdout);
+
     let no = twopc(&url, &["execute", "-b", "wallet=incr balance/x -10; check balance/x >= 0", "-b", "orders=put order/y 1"]).await;
     assert_eq!(no.code, 3, "an aborted transaction exits 3: {} {}", no.stdout, no.stderr);
     assert!(one_line(&no.stderr) && no.stderr.contains("wallet voted no"), "{}", no.stderr);

@@ -9,7 +9,7 @@
 //! outcome must be. Presumed abort explains most rows: nothing decided
 //! durably means abort; a durable COMMIT decision survives any crash.
 //!
-//! `TWOPC_CRASH_REPEATS` (default 1) repeats every case; the README gives
+//! `TWOPC_CRASH_REPEATS` (default 2) repeats every case; the README gives
 //! the longer command.
 
 use std::time::Duration;
@@ -55,7 +55,13 @@ struct Row {
 
 const ROWS: &[Row] = &[
     // Coordinator.
-    Row { point: "coordinator::after_vote", target: Target::Coordinator, commit: (Reach::Yes, Final::Aborted), abort: (Reach::Yes, Final::Aborted), before: None },
+    Row {
+        point: "coordinator::after_vote",
+        target: Target::Coordinator,
+        commit: (Reach::Yes, Final::Aborted),
+        abort: (Reach::Yes, Final::Aborted),
+        before: None,
+    },
     Row {
         point: "coordinator::before_decision_write",
         target: Target::Coordinator,
@@ -216,14 +222,17 @@ async fn run_case(row: &Row, abort_path: bool, seq: usize, report: &mut Report) 
     if outcome != expected {
         report.violations.push(format!("{case}: expected {expected:?}, got {outcome:?} (client told {told:?})"));
     }
-    println!("  {case:<58} reached={died:<5} told={:<10} final={outcome:?} settled in {in_doubt:?}", format!("{told:?}").split('(').next().unwrap_or(""));
+    println!(
+        "  {case:<58} reached={died:<5} told={:<10} final={outcome:?} settled in {in_doubt:?}",
+        format!("{told:?}").split('(').next().unwrap_or("")
+    );
     cluster.stop().await?;
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_point_matrix() {
-    let repeats: usize = std::env::var("TWOPC_CRASH_REPEATS").ok().and_then(|r| r.parse().ok()).unwrap_or(1);
+    let repeats: usize = std::env::var("TWOPC_CRASH_REPEATS").ok().and_then(|r| r.parse().ok()).unwrap_or(2);
     let mut report = Report::default();
     let mut seq = 0;
     println!("crash-point matrix: {} points x 2 paths x {repeats} repeats", ROWS.len());
@@ -250,4 +259,42 @@ async fn crash_point_matrix() {
     );
     assert!(report.violations.is_empty(), "violations:\n{}", report.violations.join("\n"));
     assert_eq!(report.covered.len(), ROWS.len(), "every crash point must be reached at least once: {:?}", report.covered);
+}
+
+/// A participant that restarts while in doubt re-takes its locks before it
+/// serves anything, stays in doubt while the coordinator is down (it never
+/// decides alone), and resolves once the coordinator is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_doubt_participant_keeps_its_locks_across_a_restart_until_the_coordinator_answers() {
+    let bank = Bank { services: NAMES.iter().map(|s| (*s).to_owned()).collect(), accounts: 1, initial: 1000 };
+    let mut cluster = ProcCluster::start(&NAMES, ClusterOptions::default()).await.expect("cluster");
+    let client = cluster.client().expect("client");
+    assert_eq!(client.execute(bank.seed(), Duration::from_secs(5)).await.expect("seed").outcome, Outcome::Committed);
+    cluster.quiesce(Duration::from_secs(30)).await.expect("seeded");
+    // The coordinator dies after every vote, before deciding: the
+    // participants are prepared and in doubt.
+    cluster.coordinator.stop().await.expect("stop");
+    cluster.coordinator.start(Some("coordinator::before_decision_write=return")).await.expect("arm");
+    let t = Transfer { id: "d1".into(), legs: vec![(0, 0, -10), (1, 0, 5), (2, 0, 5)], extra: None };
+    let told = client.execute(bank.branches(&t), Duration::from_secs(3)).await;
+    assert!(told.is_err(), "the coordinator died before answering: {told:?}");
+    assert!(cluster.coordinator.wait_exit(Duration::from_secs(15)).await.expect("wait"), "the coordinator died at the crash point");
+
+    // bank-b restarts while in doubt.
+    let b = cluster.participant("bank-b").expect("bank-b");
+    b.kill().await.expect("kill");
+    b.start(None).await.expect("restart");
+    let snap = cluster.snapshot(1).await.expect("snapshot");
+    assert_eq!(snap.in_doubt, 1, "the prepared transaction is still in doubt after the restart");
+    assert!(snap.locked_keys >= 2, "its locks were re-taken before serving: {} locked", snap.locked_keys);
+    assert_eq!(snap.entries.get("acct/0").map(String::as_str), Some("1000"), "nothing applied while in doubt");
+
+    // The coordinator comes back: presumed abort resolves it everywhere.
+    cluster.coordinator.start(None).await.expect("coordinator back");
+    let (settled, snaps) = cluster.quiesce(Duration::from_secs(30)).await.expect("resolved");
+    let verdict = check(&bank, &[(t, Told::Unknown("coordinator died".into()))], &snaps);
+    assert!(verdict.violations.is_empty(), "{:?}", verdict.violations);
+    assert_eq!(verdict.applied, 0, "a transaction never decided is aborted");
+    println!("in doubt for {settled:?} after the coordinator came back");
+    cluster.stop().await.expect("stop");
 }
