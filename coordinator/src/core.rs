@@ -31,7 +31,7 @@ use twopc_proto::{AbortCode, AbortReason, Decision, Outcome, ParticipantName, Tx
 pub type ReqId = u64;
 
 /// Tunables of the protocol. Times are in milliseconds.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CoreConfig {
     /// Timeout of a transaction whose Begin did not ask for one.
     pub default_timeout_ms: u64,
@@ -69,7 +69,7 @@ impl Default for CoreConfig {
 }
 
 /// Where a transaction is in the protocol.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TxnState {
     /// Accepting participants.
     Active,
@@ -89,13 +89,13 @@ pub enum TxnState {
 /// Proof that a transaction's COMMIT decision is durable. Only this module
 /// constructs it: when the log reports the decision durable, or when the
 /// decision was read back from the log at recovery.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct DecisionDurable {
     _private: (),
 }
 
 /// The phase-two message to deliver.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PhaseTwo {
     /// Commit; only sendable with proof that the decision is durable.
     Commit(DecisionDurable),
@@ -104,7 +104,7 @@ pub enum PhaseTwo {
 }
 
 /// Something that happens to the core.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Input {
     /// Start a transaction. `timeout_ms` 0 means the default.
     Begin {
@@ -207,7 +207,7 @@ pub enum Input {
 }
 
 /// A branch of an Execute call, resolved by the driver.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ExecBranch {
     /// The registered participant.
     pub participant: ParticipantName,
@@ -219,7 +219,7 @@ pub struct ExecBranch {
 
 /// Timers the core sets. Each is checked against the current state when it
 /// fires, so a timer that outlived its purpose does nothing.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Timer {
     /// The transaction's deadline.
     Deadline(TxnId),
@@ -412,7 +412,7 @@ pub struct TxnStatus {
     pub presumed: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Branch {
     endpoint: String,
     payload: Option<Vec<u8>>,
@@ -425,7 +425,7 @@ struct Branch {
     retry_scheduled: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Txn {
     state: TxnState,
     deadline: UnixMillis,
@@ -440,7 +440,7 @@ struct Txn {
 }
 
 /// The coordinator's state machine. See the module docs.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Core {
     config: CoreConfig,
     epoch: u64,

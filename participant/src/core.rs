@@ -31,7 +31,7 @@ use twopc_proto::{Decision, TxnId, UnixMillis, Vote};
 pub type ReqId = u64;
 
 /// Tunables. Times in milliseconds.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CoreConfig {
     /// How long after preparing a branch first asks the coordinator for the
     /// outcome, if phase two has not arrived (it normally does within
@@ -63,13 +63,13 @@ impl Default for CoreConfig {
 }
 
 /// Proof that this branch's PREPARED record is durable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PreparedDurable {
     _private: (),
 }
 
 /// A vote as it may be sent.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum SentVote {
     /// Only with proof of a durable PREPARED record.
     Yes(PreparedDurable),
@@ -181,7 +181,7 @@ pub enum Input {
 }
 
 /// Timers; each is checked against the state when it fires.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Timer {
     /// The transaction's deadline (+ grace for prepared branches).
     Deadline(TxnId),
@@ -303,7 +303,7 @@ pub enum CoreError {
 }
 
 /// Where a branch is. Public for Status-like inspection and tests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Phase {
     /// Enlisting with the coordinator.
     Joining,
@@ -327,7 +327,7 @@ pub enum Phase {
     Aborted,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Branch {
     phase: Phase,
     deadline: UnixMillis,
@@ -350,7 +350,7 @@ impl Branch {
 }
 
 /// The participant's state machine.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Core {
     config: CoreConfig,
     branches: BTreeMap<TxnId, Branch>,
@@ -663,12 +663,14 @@ impl Core {
     fn abort(&mut self, out: &mut Vec<Effect>, now: UnixMillis, req: ReqId, txn: TxnId, epoch: u64) {
         self.max_epoch = self.max_epoch.max(epoch);
         let Some(b) = self.branches.get_mut(&txn) else {
-            // Never seen: acknowledge and leave a tombstone so that a late
-            // Prepare is refused (no empty rollback, no hanging).
-            let b = Branch::new(Phase::Active, UnixMillis(0), epoch);
+            // Never seen: leave a tombstone so that a late Prepare is
+            // refused (no empty rollback, no hanging), and acknowledge once
+            // the tombstone is durable — the coordinator stops telling us
+            // after the acknowledgement, so it must survive a crash.
+            let mut b = Branch::new(Phase::Aborting, UnixMillis(0), epoch);
+            b.waiters.push(req);
+            out.push(Effect::Apply { txn, commit: false, record: Some(record(BranchState::Aborted, &b, now)), synced: true });
             self.branches.insert(txn, b);
-            self.start_abort(out, now, txn, None);
-            out.push(reply(req, Reply::Acked));
             return;
         };
         match b.phase {
@@ -775,8 +777,10 @@ impl Core {
                     Phase::Committing => {
                         Effect::Apply { txn, commit: true, record: Some(record(BranchState::Committed, b, now)), synced: true }
                     }
+                    // Synced on retry: it may be a tombstone, whose Abort
+                    // is acknowledged only once it is durable.
                     Phase::Aborting => {
-                        Effect::Apply { txn, commit: false, record: Some(record(BranchState::Aborted, b, now)), synced: false }
+                        Effect::Apply { txn, commit: false, record: Some(record(BranchState::Aborted, b, now)), synced: true }
                     }
                     _ => return,
                 };

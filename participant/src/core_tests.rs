@@ -126,6 +126,12 @@ fn apply_abort(txn: TxnId, deadline: UnixMillis, epoch: u64, now: UnixMillis) ->
     Fx::Apply { txn, commit: false, record: Some(rec(BranchState::Aborted, deadline, epoch, now)), synced: false }
 }
 
+/// The Abort of a never-seen transaction: a tombstone, written durably
+/// before the acknowledgement.
+fn tombstone(txn: TxnId, epoch: u64, now: UnixMillis) -> Fx {
+    Fx::Apply { txn, commit: false, record: Some(rec(BranchState::Aborted, UnixMillis(0), epoch, now)), synced: true }
+}
+
 fn forget(now: UnixMillis, txn: TxnId) -> Fx {
     Fx::Timer(now.plus(RETENTION), Timer::Forget(txn))
 }
@@ -603,13 +609,13 @@ fn commit_on_an_unprepared_branch_is_refused() {
 #[test]
 fn abort_on_unknown_acks_and_leaves_a_tombstone() {
     let mut h = H::new();
-    let (r, fx) = h.abort(at(100), TX);
-    assert_eq!(fx, vec![apply_abort(TX, UnixMillis(0), EPOCH, at(100)), acked(r)]);
+    let (ra, fx) = h.abort(at(100), TX);
+    assert_eq!(fx, vec![tombstone(TX, EPOCH, at(100))], "acknowledged only once the tombstone is durable");
     assert_eq!(h.core.phase(TX), Some(Phase::Aborting));
     // A late Prepare, even with a payload, is refused and takes no locks.
     let (r, fx) = h.prepare(at(150), payload());
     assert_eq!(fx, vec![no(r, ABORTED_HERE)]);
-    assert_eq!(h.applied(at(160), TX), vec![forget(at(160), TX)]);
+    assert_eq!(h.applied(at(160), TX), vec![acked(ra), forget(at(160), TX)]);
     assert_eq!(h.core.phase(TX), Some(Phase::Aborted));
     let (r, fx) = h.prepare(at(170), payload());
     assert_eq!(fx, vec![no(r, ABORTED_HERE)]);
@@ -998,7 +1004,8 @@ fn apply_failed_on_a_prepared_abort_keeps_the_outcome_and_retries() {
         vec![err(r, CoreError::Unavailable("resource busy".into())), Fx::Timer(at(205 + 2 * QUERY_BASE), Timer::RetryApply(TX))]
     );
     assert_eq!(h.core.phase(TX), Some(Phase::Aborting));
-    assert_eq!(h.timer(at(405), Timer::RetryApply(TX)), vec![apply_abort(TX, dl(), EPOCH, at(405))]);
+    let retried = Fx::Apply { txn: TX, commit: false, record: Some(rec(BranchState::Aborted, dl(), EPOCH, at(405))), synced: true };
+    assert_eq!(h.timer(at(405), Timer::RetryApply(TX)), vec![retried], "a retried abort is written durably");
     assert_eq!(h.decided(at(406), TX, Ok(Decision::Commit)), vec![], "a decided branch ignores late answers");
 }
 
@@ -1174,15 +1181,15 @@ fn forget_timer_on_committed_emits_forget() {
 fn forget_timer_on_an_abort_tombstone_emits_forget() {
     let mut h = H::new();
     let (r, fx) = h.abort(at(100), TX);
-    assert_eq!(fx, vec![apply_abort(TX, UnixMillis(0), EPOCH, at(100)), acked(r)]);
-    assert_eq!(h.applied(at(110), TX), vec![forget(at(110), TX)]);
+    assert_eq!(fx, vec![tombstone(TX, EPOCH, at(100))]);
+    assert_eq!(h.applied(at(110), TX), vec![acked(r), forget(at(110), TX)]);
     assert_eq!(h.core.phase(TX), Some(Phase::Aborted));
     assert_eq!(h.timer(at(110).plus(RETENTION), Timer::Forget(TX)), vec![Fx::Forget(TX)]);
     assert_eq!(h.core.phase(TX), None);
     assert_eq!(h.timer(at(111).plus(RETENTION), Timer::Forget(TX)), vec![], "a stale second Forget timer");
     let now = at(120).plus(RETENTION);
-    let (r, fx) = h.abort(now, TX);
-    assert_eq!(fx, vec![apply_abort(TX, UnixMillis(0), EPOCH, now), acked(r)]);
+    let (_, fx) = h.abort(now, TX);
+    assert_eq!(fx, vec![tombstone(TX, EPOCH, now)]);
 }
 
 /// No Forget effect (and nothing dropped) for a branch that is not Committed
@@ -1332,8 +1339,11 @@ fn failed_persist_never_leads_to_yes() {
 fn tombstone_survives_a_failed_apply() {
     let mut h = H::new();
     let (r, fx) = h.abort(at(100), TX);
-    assert_eq!(fx, vec![apply_abort(TX, UnixMillis(0), EPOCH, at(100)), acked(r)]);
-    assert_eq!(h.apply_failed(at(110), TX, "resource busy"), vec![Fx::Timer(at(110 + 2 * QUERY_BASE), Timer::RetryApply(TX))]);
+    assert_eq!(fx, vec![tombstone(TX, EPOCH, at(100))]);
+    assert_eq!(
+        h.apply_failed(at(110), TX, "resource busy"),
+        vec![err(r, CoreError::Unavailable("resource busy".into())), Fx::Timer(at(110 + 2 * QUERY_BASE), Timer::RetryApply(TX))]
+    );
     let (r, fx) = h.prepare(at(120), payload());
     assert_eq!(fx, vec![no(r, ABORTED_HERE)], "the abort was acknowledged; a late Prepare must take no locks");
 }

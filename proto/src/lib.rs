@@ -216,7 +216,7 @@ pub fn validate_endpoint(endpoint: &str) -> Result<(), String> {
 }
 
 /// A participant's answer to Prepare.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Vote {
     /// Durably prepared; will commit or abort as told.
     Yes,
@@ -274,7 +274,7 @@ impl AbortCode {
 
 /// Why a transaction aborted: the code, the participant concerned and a
 /// readable detail.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct AbortReason {
     /// What kind of failure.
     pub code: AbortCode,
@@ -328,7 +328,7 @@ impl TryFrom<&pb::AbortReason> for AbortReason {
 }
 
 /// The outcome of a transaction as an initiator learns it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Outcome {
     /// Every participant will apply its work.
     Committed,
@@ -337,7 +337,7 @@ pub enum Outcome {
 }
 
 /// What the coordinator answers a participant's QueryDecision.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Decision {
     /// Not decided yet.
     Pending,
