@@ -181,7 +181,7 @@ pub enum Input {
 }
 
 /// Timers; each is checked against the state when it fires.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Timer {
     /// The transaction's deadline (+ grace for prepared branches).
     Deadline(TxnId),

@@ -216,7 +216,7 @@ pub fn validate_endpoint(endpoint: &str) -> Result<(), String> {
 }
 
 /// A participant's answer to Prepare.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Vote {
     /// Durably prepared; will commit or abort as told.
     Yes,
@@ -337,7 +337,7 @@ pub enum Outcome {
 }
 
 /// What the coordinator answers a participant's QueryDecision.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Decision {
     /// Not decided yet.
     Pending,

@@ -8,6 +8,7 @@
 pub mod checker;
 pub mod cluster;
 pub mod proxy;
+pub mod sim;
 
 use std::future::Future;
 use std::net::SocketAddr;
