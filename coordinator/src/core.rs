@@ -473,6 +473,20 @@ impl Core {
         self.txns.values().filter(|t| !t.finished).count()
     }
 
+    /// Where `txn` is, whether its phase two is finished, and its abort code
+    /// if it aborted; `None` when not held. Read-only, for the driver's
+    /// metrics.
+    pub fn progress(&self, txn: TxnId) -> Option<(TxnState, bool, Option<AbortCode>)> {
+        self.txns.get(&txn).map(|t| (t.state, t.finished, t.abort_reason.as_ref().map(|r| r.code)))
+    }
+
+    /// How many transactions are in doubt (as [`Reply::List`] counts them)
+    /// and the age of the oldest in milliseconds (0 when none). Read-only,
+    /// for the driver's metrics.
+    pub fn in_doubt_summary(&self, now: UnixMillis) -> (usize, u64) {
+        self.txns.values().filter(|t| in_doubt(t)).fold((0, 0), |(n, oldest), t| (n + 1, oldest.max(now.0.saturating_sub(t.created.0))))
+    }
+
     /// Loads the decision log at start. Every COMMIT not ended resumes
     /// delivery; ended ones are held (answering Status and QueryDecision)
     /// until their retention ends and they are forgotten. `horizon` is the
@@ -697,10 +711,20 @@ impl Core {
                 self.abort(out, now, txn, AbortReason::new(AbortCode::DeadlineExceeded, "deadline passed before commit"));
             }
             TxnState::Active if t.participants.is_empty() => {
-                // Nothing to commit anywhere: trivially committed.
+                // Nothing to commit anywhere: trivially committed. The
+                // outcome is recorded lazily (an ended record with no
+                // participants), so that Status and retried Commits still
+                // say COMMITTED after a restart; losing it in a machine crash
+                // only changes what Status says about a transaction that
+                // changed nothing.
                 t.state = TxnState::Committed;
                 t.finished = true;
                 out.push(reply(req, Reply::Outcome { txn, outcome: Outcome::Committed }));
+                out.push(Effect::PersistDecision {
+                    txn,
+                    record: DecisionRecord { participants: Vec::new(), decided_unix_ms: now.0, ended: true },
+                    synced: false,
+                });
                 out.push(Effect::SetTimer { at: now.plus(self.config.retention_ms), timer: Timer::Forget(txn) });
             }
             TxnState::Active => {
@@ -785,13 +809,19 @@ impl Core {
                         .map(|(n, b)| LoggedParticipant { name: n.as_str().to_owned(), endpoint: b.endpoint.clone() })
                         .collect();
                     if yes.is_empty() {
-                        // Every participant is read-only: nothing to log or
-                        // deliver.
+                        // Every participant is read-only: nothing to force
+                        // or deliver. Recorded lazily, as for an empty
+                        // transaction (see `commit`).
                         t.state = TxnState::Committed;
                         t.finished = true;
                         for w in std::mem::take(&mut t.waiters) {
                             out.push(reply(w, Reply::Outcome { txn, outcome: Outcome::Committed }));
                         }
+                        out.push(Effect::PersistDecision {
+                            txn,
+                            record: DecisionRecord { participants: Vec::new(), decided_unix_ms: now.0, ended: true },
+                            synced: false,
+                        });
                         out.push(Effect::SetTimer { at: now.plus(self.config.retention_ms), timer: Timer::Forget(txn) });
                     } else {
                         t.state = TxnState::Deciding;

@@ -130,6 +130,13 @@ fn forget_fx(now: UnixMillis, txn: TxnId) -> Fx {
     Fx::Timer(now.plus(RETENTION), Timer::Forget(txn))
 }
 
+/// The only record of a commit with no YES voter (no participants, or only
+/// read-only ones): nothing to force, so it is written lazily and ended from
+/// the start, with no participants.
+fn lazy_record_fx(txn: TxnId, decided: UnixMillis) -> Fx {
+    Fx::Persist { txn, record: decision_record(&[], decided, true), synced: false }
+}
+
 /// All replies addressed to `req`.
 fn replies_to(fx: &[Fx], req: ReqId) -> Vec<Reply> {
     fx.iter()
@@ -469,11 +476,11 @@ fn enlist_issued_but_forgotten_is_closed() {
     let (req, fx) = h.enlist(at(1).plus(RETENTION), txn, "a");
     assert_eq!(fx, vec![error_fx(req, CoreError::EnlistmentClosed { txn, state: "finished" })]);
 
-    // And one committed (with no participants, so no decision record) and
-    // forgotten: the horizon rises to it all the same.
+    // And one committed (with no participants, so only a lazy record) and
+    // forgotten: the record goes and the horizon rises to it.
     let (txn2, _) = h.begin_at(T0, 0);
     let (req, fx) = h.commit(at(2), txn2);
-    assert_eq!(fx, vec![committed_fx(req, txn2), forget_fx(at(2), txn2)]);
+    assert_eq!(fx, vec![committed_fx(req, txn2), lazy_record_fx(txn2, at(2)), forget_fx(at(2), txn2)]);
     assert_eq!(h.timer(at(2).plus(RETENTION), Timer::Forget(txn2)), vec![Fx::ForgetDecision { txn: txn2, horizon: txn2 }]);
     let (req, fx) = h.enlist(at(3).plus(RETENTION), txn2, "a");
     assert_eq!(fx, vec![error_fx(req, CoreError::EnlistmentClosed { txn: txn2, state: "finished" })]);
@@ -533,11 +540,14 @@ fn enlist_past_deadline_before_the_timer_aborts_and_refuses() {
 // ---------------------------------------------------------------------------
 
 #[test]
-fn commit_with_no_participants_commits_without_a_log_record() {
+fn commit_with_no_participants_commits_with_only_a_lazy_record() {
     let mut h = H::new();
     let (txn, deadline) = h.begin_at(T0, 0);
     let (req, fx) = h.commit(at(5), txn);
-    assert_eq!(fx, vec![committed_fx(req, txn), forget_fx(at(5), txn)]);
+    // Nothing is forced and nobody waits for the log: the caller hears
+    // Committed first, then the ended record with no participants is written
+    // lazily, so that the outcome survives a restart.
+    assert_eq!(fx, vec![committed_fx(req, txn), lazy_record_fx(txn, at(5)), forget_fx(at(5), txn)]);
     assert_eq!(h.query(at(6), txn), Decision::Commit);
     assert_eq!(
         h.txn_status(at(6), txn),
@@ -634,19 +644,23 @@ fn read_only_voters_get_no_phase_two_and_are_not_logged() {
 }
 
 #[test]
-fn all_read_only_commits_without_a_log_record() {
+fn all_read_only_commits_with_only_a_lazy_record() {
     let mut h = H::new();
     let (txn, _, req) = h.preparing(&["a", "b"]);
+    let (req2, fx) = h.commit(at(120), txn);
+    assert_eq!(fx, vec![]);
     assert_eq!(h.vote(at(150), txn, "a", Ok(Vote::ReadOnly)), vec![]);
     let fx = h.vote(at(160), txn, "b", Ok(Vote::ReadOnly));
-    assert_eq!(fx, vec![committed_fx(req, txn), forget_fx(at(160), txn)]);
+    // No synced decision and no phase two: every caller hears Committed, then
+    // the ended record with no participants is written lazily.
+    assert_eq!(fx, vec![committed_fx(req, txn), committed_fx(req2, txn), lazy_record_fx(txn, at(160)), forget_fx(at(160), txn)]);
     assert_eq!(h.query(at(161), txn), Decision::Commit);
     let s = h.txn_status(at(161), txn);
     assert_eq!((s.state, s.finished, s.presumed), (TxnState::Committed, true, false));
     assert_eq!(h.core.unfinished(), 0);
-    // Forgotten: there is no decision record, but ForgetDecision still
-    // raises the horizon (deleting the missing record is harmless), so the
-    // caller, told Committed, never hears it presumed aborted.
+    // Forgotten: ForgetDecision deletes the lazy record and raises the
+    // horizon, so the caller, told Committed, never hears it presumed
+    // aborted.
     let later = at(160).plus(RETENTION);
     assert_eq!(h.timer(later, Timer::Forget(txn)), vec![Fx::ForgetDecision { txn, horizon: txn }]);
     assert_eq!(h.txn_status(later, txn), forgotten_status(txn));
@@ -1126,7 +1140,10 @@ fn execute_refuses_too_long_timeout_and_commits_empty() {
     assert_eq!(fx, vec![error_fx(1, CoreError::TimeoutTooLong { asked_ms: MAX_TIMEOUT + 1, max_ms: MAX_TIMEOUT })]);
     let fx = h.step(T0, Input::Execute { req: 2, branches: vec![], timeout_ms: 0 });
     let txn = TxnId { epoch: EPOCH, seq: 1 };
-    assert_eq!(fx, vec![Fx::Timer(at(DEFAULT_TIMEOUT), Timer::Deadline(txn)), committed_fx(2, txn), forget_fx(T0, txn)]);
+    assert_eq!(
+        fx,
+        vec![Fx::Timer(at(DEFAULT_TIMEOUT), Timer::Deadline(txn)), committed_fx(2, txn), lazy_record_fx(txn, T0), forget_fx(T0, txn)]
+    );
 }
 
 #[test]
@@ -1338,14 +1355,17 @@ fn forgotten_aborts_are_forgotten_below_the_horizon_and_presumed_aborted_above_i
 }
 
 #[test]
-fn forgotten_commit_without_a_record_is_never_presumed_aborted() {
+fn forgotten_commit_with_only_a_lazy_record_is_never_presumed_aborted() {
     let mut h = H::new();
     let (trivial, _) = h.begin_at(T0, 0);
     let (req, fx) = h.commit(at(1), trivial);
-    assert_eq!(fx, vec![committed_fx(req, trivial), forget_fx(at(1), trivial)]);
+    assert_eq!(fx, vec![committed_fx(req, trivial), lazy_record_fx(trivial, at(1)), forget_fx(at(1), trivial)]);
     let (read_only, _, req) = h.preparing(&["a"]);
-    assert_eq!(h.vote(at(150), read_only, "a", Ok(Vote::ReadOnly)), vec![committed_fx(req, read_only), forget_fx(at(150), read_only)]);
-    // Forgetting them raises the horizon (there is no record to delete), so
+    assert_eq!(
+        h.vote(at(150), read_only, "a", Ok(Vote::ReadOnly)),
+        vec![committed_fx(req, read_only), lazy_record_fx(read_only, at(150)), forget_fx(at(150), read_only)]
+    );
+    // Forgetting them deletes their lazy records and raises the horizon, so
     // the callers, told Committed, never hear aborted.
     assert!(trivial < read_only);
     assert_eq!(h.timer(at(1).plus(RETENTION), Timer::Forget(trivial)), vec![Fx::ForgetDecision { txn: trivial, horizon: trivial }]);
@@ -1568,6 +1588,72 @@ fn recover_of_an_ended_record_past_its_retention_forgets_it_at_once() {
     assert_eq!((s.state, s.finished, s.presumed, s.age_ms), (TxnState::Committed, true, false, RETENTION + 1));
     assert_eq!(h.timer(T0, Timer::Forget(txn)), vec![Fx::ForgetDecision { txn, horizon: txn }]);
     assert_eq!(h.txn_status(T0, txn).state, TxnState::Forgotten);
+}
+
+#[test]
+fn a_lazy_record_keeps_a_commit_with_no_yes_voter_committed_after_a_restart() {
+    // Run 1: an empty transaction and an all-read-only one commit; the log
+    // keeps what their lazy PersistDecision effects wrote.
+    let mut h = H::new();
+    let (trivial, _) = h.begin_at(T0, 0);
+    let (_, mut fx) = h.commit(at(5), trivial);
+    let (read_only, _, _) = h.preparing(&["a", "b"]);
+    assert_eq!(h.vote(at(150), read_only, "a", Ok(Vote::ReadOnly)), vec![]);
+    fx.extend(h.vote(at(160), read_only, "b", Ok(Vote::ReadOnly)));
+    let log: Vec<(TxnId, DecisionRecord)> = fx
+        .into_iter()
+        .filter_map(|f| match f {
+            Fx::Persist { txn, record, synced: false } => Some((txn, record)),
+            Fx::Persist { synced: true, .. } => panic!("nothing is forced for a commit with no YES voter"),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(log, vec![(trivial, decision_record(&[], at(5), true)), (read_only, decision_record(&[], at(160), true))]);
+
+    // Run 2 recovers that log: both are held as finished commits, with
+    // nothing to deliver, until their Forget timers.
+    let mut h = H { core: Core::new(EPOCH + 1, config()), next_req: 1_000 };
+    let restart = at(1_000);
+    let fx = norm(h.core.recover(restart, log, None));
+    assert_eq!(fx, vec![forget_fx(at(5), trivial), forget_fx(at(160), read_only)]);
+    assert_eq!(h.core.unfinished(), 0);
+    for (txn, decided) in [(trivial, at(5)), (read_only, at(160))] {
+        assert_eq!(
+            h.txn_status(restart, txn),
+            TxnStatus {
+                txn,
+                state: TxnState::Committed,
+                abort_reason: None,
+                participants: vec![],
+                deadline: Some(decided),
+                finished: true,
+                age_ms: decided.until(restart),
+                presumed: false
+            },
+            "{txn} is committed, not presumed aborted"
+        );
+        let (req, fx) = h.commit(restart, txn);
+        assert_eq!(fx, vec![committed_fx(req, txn)], "a retried Commit of {txn}");
+        assert_eq!(h.query(restart, txn), Decision::Commit);
+        let (req, fx) = h.abort(restart, txn, "");
+        assert_eq!(fx, vec![error_fx(req, CoreError::AlreadyCommitted(txn))]);
+        let (req, fx) = h.enlist(restart, txn, "c");
+        assert_eq!(fx, vec![error_fx(req, CoreError::EnlistmentClosed { txn, state: "committed" })]);
+    }
+    let l = h.list(restart, false, 10);
+    assert_eq!((l.transactions.len(), l.in_doubt, l.oldest_in_doubt_ms), (2, 0, 0));
+    assert_eq!(h.list(restart, true, 10), TxnList { transactions: vec![], in_doubt: 0, oldest_in_doubt_ms: 0 });
+
+    // Their retention ends: the records go, the horizon rises, and they are
+    // forgotten, never presumed aborted.
+    let end = at(160).plus(RETENTION);
+    assert_eq!(h.timer(at(5).plus(RETENTION), Timer::Forget(trivial)), vec![Fx::ForgetDecision { txn: trivial, horizon: trivial }]);
+    assert_eq!(h.timer(end, Timer::Forget(read_only)), vec![Fx::ForgetDecision { txn: read_only, horizon: read_only }]);
+    for txn in [trivial, read_only] {
+        assert_eq!(h.txn_status(end, txn), forgotten_status(txn));
+        let (req, fx) = h.commit(end, txn);
+        assert_eq!(fx, vec![error_fx(req, CoreError::Forgotten(txn))]);
+    }
 }
 
 #[test]
@@ -1847,12 +1933,15 @@ const NAMES: [&str; 4] = ["a", "b", "c", "d"];
 struct Seen {
     commit: Option<String>,
     abort: Option<String>,
-    /// A decision record exists: a synced PersistDecision was emitted, or
-    /// the record was recovered.
+    /// A decision record exists: a synced PersistDecision was emitted, the
+    /// lazy record of a commit with no YES voter was, or the record was
+    /// recovered.
     logged: bool,
-    /// Durable was fed after that (or the record was recovered).
+    /// Durable was fed after that (or the record was recovered, or it is the
+    /// lazy record of a commit with no YES voter, which nothing waits for).
     durable: bool,
-    /// The END record exists: every YES voter acknowledged the commit.
+    /// The END record exists: every YES voter acknowledged the commit (or
+    /// there was none).
     ended: bool,
     /// This run issued it (its Deadline timer was set).
     begun: bool,
@@ -1929,8 +2018,9 @@ impl Explorer {
     }
 
     /// Recovers a random decision log of the previous run: one commit still
-    /// being delivered, maybe ended ones (one past its retention), and a
-    /// random horizon (none, below them, or above them).
+    /// being delivered, maybe ended ones (one past its retention, one the lazy
+    /// record of a commit with no YES voter), and a random horizon (none,
+    /// below them, or above them).
     fn recover(&mut self) {
         let old = |seq| TxnId { epoch: EPOCH - 1, seq };
         let mut records = vec![(old(2), decision_record(&["a", "b"], UnixMillis(T0.0 - 3_000), false))];
@@ -1940,10 +2030,13 @@ impl Explorer {
         if self.rng.chance(50) {
             records.push((old(4), decision_record(&["a", "d"], UnixMillis(T0.0 - 1_000), true)));
         }
+        if self.rng.chance(50) {
+            records.push((old(5), decision_record(&[], UnixMillis(T0.0 - 2_000), true)));
+        }
         let horizon = match self.rng.below(3) {
             0 => None,
             1 => Some(old(1)),
-            _ => Some(old(5)),
+            _ => Some(old(6)),
         };
         for (txn, record) in &records {
             let s = self.seen.entry(*txn).or_default();
@@ -2180,7 +2273,14 @@ impl Explorer {
     }
 
     fn observe(&mut self, effects: Vec<Effect>) {
+        // The transaction of the Committed reply just observed, if the
+        // previous effect was one.
+        let mut after_committed: Option<TxnId> = None;
         for e in effects {
+            let previous = after_committed.take();
+            if let Effect::Reply { reply: Reply::Outcome { txn, outcome: Outcome::Committed }, .. } = &e {
+                after_committed = Some(*txn);
+            }
             match e {
                 Effect::Reply { req, reply } => {
                     let tag = self.reqs.remove(&req);
@@ -2244,7 +2344,7 @@ impl Explorer {
                                     // safe only because every YES voter had
                                     // acknowledged it (or there was none).
                                     Some(s) if s.commit.is_some() => assert!(
-                                        s.forgotten && (s.ended || !s.logged),
+                                        s.forgotten && s.ended,
                                         "{}: {what} for committed {txn} before every YES voter acknowledged",
                                         self.ctx
                                     ),
@@ -2276,13 +2376,32 @@ impl Explorer {
                         s.logged = true;
                         self.evidence(txn, true, "PersistDecision".into());
                         self.persists.push(txn);
-                    } else {
+                    } else if self.seen.get(&txn).is_some_and(|s| s.logged) {
                         assert!(record.ended, "{}: lazy records are END records", self.ctx);
                         self.check_durable_first(txn, "END record");
                         let s = self.seen.entry(txn).or_default();
-                        assert!(s.logged && !s.ended, "{}: END record of {txn} without a decision record, or twice", self.ctx);
+                        assert!(!s.ended, "{}: END record of {txn} twice", self.ctx);
                         s.ended = true;
                         self.evidence(txn, true, "END record".into());
+                    } else {
+                        // A commit with no YES voter (no participants, or
+                        // only read-only ones): nothing was forced, so its
+                        // only record is lazy, ended, names nobody, and
+                        // follows right after its Committed reply(ies).
+                        let ctx = self.ctx.clone();
+                        assert!(record.ended, "{ctx}: the lazy record of {txn}, which has no decision record, must be ended: {record:?}");
+                        assert!(record.participants.is_empty(), "{ctx}: the lazy record of {txn} names participants: {record:?}");
+                        assert_eq!(previous, Some(txn), "{ctx}: the lazy record of {txn} must follow its Committed reply");
+                        assert_eq!(record.decided_unix_ms, self.now.0, "{ctx}: the lazy record of {txn} is decided now");
+                        self.check_held(txn, "lazy record");
+                        self.check_valid_commit(txn, Some(&record));
+                        let s = self.seen.entry(txn).or_default();
+                        assert!(s.commit.is_some(), "{ctx}: lazy record of {txn} before any sign of its commit");
+                        assert!(!s.forget_set, "{ctx}: lazy record of {txn} after its Forget timer was set");
+                        s.logged = true;
+                        s.durable = true;
+                        s.ended = true;
+                        self.evidence(txn, true, "lazy record".into());
                     }
                 }
                 Effect::ForgetDecision { txn, horizon } => {
@@ -2295,7 +2414,8 @@ impl Explorer {
                     let expected = self.horizon.max(Some(txn));
                     let s = self.seen.entry(txn).or_default();
                     assert!(s.commit.is_some(), "{ctx}: ForgetDecision of {txn}, which shows no commit");
-                    assert!(!s.logged || s.ended, "{ctx}: ForgetDecision of {txn} before every YES voter acknowledged (no END record)");
+                    assert!(s.logged, "{ctx}: ForgetDecision of {txn}, a commit that never had a record (not even a lazy one)");
+                    assert!(s.ended, "{ctx}: ForgetDecision of {txn} before every YES voter acknowledged (no END record)");
                     assert!(!s.forget_decision, "{ctx}: ForgetDecision of {txn} twice");
                     s.forget_decision = true;
                     assert_eq!(Some(horizon), expected, "{ctx}: the horizon is the highest forgotten commit");
@@ -2351,6 +2471,14 @@ impl Explorer {
                         Timer::Forget(txn) => {
                             let s = self.seen.entry(*txn).or_default();
                             assert!(!s.forget_set, "{}: Forget timer of {txn} set twice", self.ctx);
+                            // A finished commit has its ended record (END,
+                            // recovered, or lazy) before it is scheduled to
+                            // be forgotten.
+                            assert!(
+                                s.commit.is_none() || (s.logged && s.ended),
+                                "{}: Forget timer of committed {txn} set before its ended record",
+                                self.ctx
+                            );
                             s.forget_set = true;
                         }
                         Timer::PrepareTimeout(_) => {}

@@ -12,19 +12,27 @@
 //! Persist before send holds because the core only emits a Commit message
 //! after the `Durable` input, which this driver sends only after the log's
 //! synced write resolved `Ok`.
+//!
+//! Metrics (names and meanings in [`crate::instruments`]) are recorded here,
+//! never in the core: after each step the driver compares the transaction's
+//! [`Core::progress`] before and after, and times each phase on its own
+//! monotonic clock. Gauges that need a scan of the core (in flight, in
+//! doubt, oldest in doubt) are refreshed every
+//! [`instruments::GAUGE_INTERVAL`](crate::instruments::GAUGE_INTERVAL).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, error, warn};
 use twopc_proto::pb::participant_client::ParticipantClient;
-use twopc_proto::{TxnId, UnixMillis, Vote, pb};
+use twopc_proto::{AbortCode, TxnId, UnixMillis, Vote, pb};
 
-use crate::core::{Core, Effect, Input, PhaseTwo, Reply, ReqId};
+use crate::core::{Core, Effect, Input, PhaseTwo, Reply, ReqId, Timer, TxnState};
+use crate::instruments;
 use crate::log::DecisionLog;
 
 /// Per-call limits of the driver's outgoing RPCs.
@@ -91,7 +99,7 @@ impl Handle {
 pub fn spawn(core: Core, recovery: Vec<Effect>, log: DecisionLog, config: DriverConfig) -> Handle {
     let (tx, rx) = mpsc::channel(16_384);
     let handle = Handle { tx: tx.clone(), next_req: Arc::new(AtomicU64::new(1)) };
-    let driver = Driver { core, log, config, tx, pending: HashMap::new(), clients: HashMap::new() };
+    let driver = Driver { core, log, config, tx, pending: HashMap::new(), clients: HashMap::new(), timings: HashMap::new() };
     tokio::spawn(driver.run(rx, recovery));
     handle
 }
@@ -103,6 +111,56 @@ struct Driver {
     tx: mpsc::Sender<Msg>,
     pending: HashMap<ReqId, oneshot::Sender<Reply>>,
     clients: HashMap<String, ParticipantClient<Channel>>,
+    /// When each phase of a transaction of this run began, for the latency
+    /// histograms; dropped when its phase two finishes or it is forgotten.
+    timings: HashMap<TxnId, Timing>,
+}
+
+/// Where a transaction is, as [`Core::progress`] reports it: state, phase
+/// two finished, abort code.
+type Progress = (TxnState, bool, Option<AbortCode>);
+
+/// The driver's clock readings for one transaction.
+struct Timing {
+    /// Begin (or Execute) was stepped.
+    begun: Instant,
+    /// Commit closed enlistment and Prepares went out.
+    prepare: Option<Instant>,
+    /// The outcome was decided (COMMIT durable, or abort).
+    decided: Option<Instant>,
+}
+
+/// The transaction an input concerns, when it names one (Begin and Execute
+/// create theirs: see [`created`]).
+fn input_txn(input: &Input) -> Option<TxnId> {
+    match input {
+        Input::Enlist { txn, .. }
+        | Input::Commit { txn, .. }
+        | Input::Abort { txn, .. }
+        | Input::Status { txn, .. }
+        | Input::QueryDecision { txn, .. }
+        | Input::Voted { txn, .. }
+        | Input::Delivered { txn, .. }
+        | Input::Durable { txn }
+        | Input::PersistFailed { txn, .. } => Some(*txn),
+        Input::Timer(Timer::Deadline(txn) | Timer::PrepareTimeout(txn) | Timer::Retry(txn, _) | Timer::Forget(txn)) => Some(*txn),
+        // Begin, Execute (see `created`), List, and any other query that
+        // changes no transaction.
+        _ => None,
+    }
+}
+
+/// The transaction a step created: every Begin and Execute sets its deadline
+/// timer in the step that creates it, and nothing else sets one.
+fn created(effects: &[Effect]) -> Option<TxnId> {
+    effects.iter().find_map(|e| match e {
+        Effect::SetTimer { timer: Timer::Deadline(txn), .. } => Some(*txn),
+        _ => None,
+    })
+}
+
+fn seconds(since: Instant, now: Instant) -> f64 {
+    now.saturating_duration_since(since).as_secs_f64()
 }
 
 impl Driver {
@@ -111,7 +169,23 @@ impl Driver {
             self.perform(e);
             twopc_storage::crash_point!("coordinator::during_recovery");
         }
-        while let Some(msg) = rx.recv().await {
+        let mut gauges = tokio::time::interval(instruments::GAUGE_INTERVAL);
+        gauges.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            // The gauge tick first: it is ready once a second, so it never
+            // starves the inputs, and a steady stream of inputs cannot starve
+            // it.
+            let msg = tokio::select! {
+                biased;
+                _ = gauges.tick() => {
+                    self.refresh_gauges();
+                    continue;
+                }
+                msg = rx.recv() => match msg {
+                    Some(msg) => msg,
+                    None => return,
+                },
+            };
             let input = match msg {
                 Msg::Call { req, input, reply } => {
                     self.pending.insert(req, reply);
@@ -132,10 +206,79 @@ impl Driver {
                     return;
                 }
             };
-            for e in self.core.step(UnixMillis::now(), input) {
+            let txn = input_txn(&input);
+            let before = txn.and_then(|t| self.core.progress(t));
+            let effects = self.core.step(UnixMillis::now(), input);
+            if let Some(txn) = txn.or_else(|| created(&effects)) {
+                let after = self.core.progress(txn);
+                self.observe(txn, before, after);
+            }
+            for e in effects {
                 self.perform(e);
             }
         }
+    }
+
+    /// Records the metrics of one transaction's step from `before` to
+    /// `after`: its outcome and the latency of each phase it finished.
+    fn observe(&mut self, txn: TxnId, before: Option<Progress>, after: Option<Progress>) {
+        let Some((state, finished, abort)) = after else {
+            // Forgotten (or never held): nothing more to time.
+            self.timings.remove(&txn);
+            return;
+        };
+        let now = Instant::now();
+        let was = before.map(|(s, _, _)| s);
+        if before.is_none() {
+            self.timings.insert(txn, Timing { begun: now, prepare: None, decided: None });
+        }
+        // Transactions recovered from the log have no timing: they are
+        // counted and timed by the run that began them.
+        let mut timing = self.timings.get_mut(&txn);
+        if state == TxnState::Preparing
+            && was != Some(TxnState::Preparing)
+            && let Some(t) = timing.as_deref_mut()
+        {
+            t.prepare = Some(now);
+        }
+        if was == Some(TxnState::Preparing)
+            && state != TxnState::Preparing
+            && let Some(p) = timing.as_ref().and_then(|t| t.prepare)
+        {
+            metrics::histogram!(instruments::PREPARE_SECONDS).record(seconds(p, now));
+        }
+        let decided_now = matches!(state, TxnState::Committed | TxnState::Aborted)
+            && !matches!(was, Some(TxnState::Committed | TxnState::Aborted | TxnState::Forgotten));
+        if decided_now {
+            let outcome = if state == TxnState::Committed { "committed" } else { "aborted" };
+            match abort {
+                Some(code) if state == TxnState::Aborted => {
+                    metrics::counter!(instruments::TRANSACTIONS, "outcome" => outcome, "reason" => code.as_str()).increment(1);
+                }
+                _ => metrics::counter!(instruments::TRANSACTIONS, "outcome" => outcome).increment(1),
+            }
+            if let Some(t) = timing.as_deref_mut() {
+                t.decided = Some(now);
+                metrics::histogram!(instruments::TRANSACTION_SECONDS, "outcome" => outcome).record(seconds(t.begun, now));
+            }
+        }
+        if finished && !before.is_some_and(|(_, f, _)| f) {
+            // Phase two took time only if the decision came in an earlier
+            // step (a transaction with nobody to tell finishes at once).
+            if !decided_now && let Some(d) = timing.as_ref().and_then(|t| t.decided) {
+                let decision = if state == TxnState::Committed { "commit" } else { "abort" };
+                metrics::histogram!(instruments::PHASE_TWO_SECONDS, "decision" => decision).record(seconds(d, now));
+            }
+            self.timings.remove(&txn);
+        }
+    }
+
+    /// Sets the gauges that need a scan of the core.
+    fn refresh_gauges(&self) {
+        let (in_doubt, oldest_ms) = self.core.in_doubt_summary(UnixMillis::now());
+        metrics::gauge!(instruments::IN_FLIGHT).set(self.core.unfinished() as f64);
+        metrics::gauge!(instruments::IN_DOUBT).set(in_doubt as f64);
+        metrics::gauge!(instruments::OLDEST_IN_DOUBT_SECONDS).set(oldest_ms as f64 / 1000.0);
     }
 
     fn client(&mut self, endpoint: &str) -> Result<ParticipantClient<Channel>, String> {
@@ -171,9 +314,13 @@ impl Driver {
                 if synced {
                     twopc_storage::crash_point!("coordinator::before_decision_write");
                     let ticket = self.log.persist(txn, &record, true);
+                    let started = Instant::now();
                     self.internal(async move {
                         match twopc_storage::wait(ticket).await {
-                            Ok(()) => Input::Durable { txn },
+                            Ok(()) => {
+                                metrics::histogram!(instruments::DECISION_WRITE_SECONDS).record(started.elapsed().as_secs_f64());
+                                Input::Durable { txn }
+                            }
                             Err(e) => {
                                 error!(%txn, error = %e, "decision write failed");
                                 Input::PersistFailed { txn, error: e.to_string() }
@@ -234,6 +381,11 @@ impl Driver {
                     };
                     if let Err(e) = &result {
                         warn!(%txn, %participant, error = %e, "phase-two delivery failed; will retry");
+                        let decision = match decision {
+                            PhaseTwo::Commit(_) => "commit",
+                            PhaseTwo::Abort => "abort",
+                        };
+                        metrics::counter!(instruments::PHASE_TWO_RETRIES, "decision" => decision).increment(1);
                     }
                     Input::Delivered { txn, participant, result }
                 });

@@ -1,6 +1,7 @@
 //! The two-phase-commit coordinator: protocol core, driver, decision log and
 //! gRPC service, plus [`run`], which serves them on a listener until a
-//! shutdown future resolves.
+//! shutdown future resolves, and [`run_with_admin`], which also serves the
+//! admin HTTP endpoints (metrics, health, readiness) on a second listener.
 //!
 //! Layers, from the inside out:
 //! - [`core`]: the IO-free state machine (presumed-abort 2PC with dynamic
@@ -8,11 +9,18 @@
 //! - [`log`]: the decision log on RocksDB (group commit, synced decisions).
 //! - [`driver`]: the task that owns the core and carries out its effects.
 //! - [`service`]: the `twopc.v1.Coordinator` handlers.
+//!
+//! Operating it: [`config`] (flags, environment, TOML file), [`instruments`]
+//! (the metrics and the Prometheus recorder), [`admin_http`] (`/metrics`,
+//! `/healthz`, `/readyz`).
 
+pub mod admin_http;
+pub mod config;
 pub mod core;
 #[cfg(test)]
 mod core_tests;
 pub mod driver;
+pub mod instruments;
 pub mod log;
 pub mod service;
 
@@ -24,48 +32,49 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use twopc_proto::{UnixMillis, pb};
 
+use crate::admin_http::{AdminState, Readiness};
 use crate::core::{Core, CoreConfig};
 use crate::driver::DriverConfig;
 use crate::log::{DecisionLog, LogError};
 use crate::service::{CoordinatorService, Limits, Registry};
 
-/// The daemon's configuration. Every field is a flag and a `TWOPC_`
-/// environment variable; flags win.
-#[derive(Debug, Clone, clap::Args)]
+/// The coordinator's settings. The daemon fills them from flags,
+/// `TWOPC_*` environment variables, a TOML file and defaults (see
+/// [`config`]); tests build them with [`Config::for_dir`].
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
-    /// Address the gRPC API listens on. Port 0 picks a free port; the bound
-    /// address is printed on stdout as "listening on ADDR".
-    #[arg(long, env = "TWOPC_LISTEN", default_value = "127.0.0.1:50051")]
+    /// Address the gRPC API listens on (the daemon binds it; [`run`] takes
+    /// the bound listener).
     pub listen: SocketAddr,
-
+    /// Address of the admin HTTP listener (the daemon binds it;
+    /// [`run_with_admin`] takes the bound listener).
+    pub admin_listen: SocketAddr,
     /// Directory of the decision log (RocksDB). Created if missing.
-    #[arg(long, env = "TWOPC_DATA_DIR", default_value = "./data/coordinator")]
     pub data_dir: PathBuf,
-
     /// Timeout of a transaction whose Begin or Execute asks for none.
-    #[arg(long, env = "TWOPC_DEFAULT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub default_timeout: Duration,
-
     /// Longest timeout a transaction may ask for.
-    #[arg(long, env = "TWOPC_MAX_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
     pub max_timeout: Duration,
-
     /// How long all votes may take after Commit before the transaction
     /// aborts with PREPARE_TIMEOUT.
-    #[arg(long, env = "TWOPC_PREPARE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub prepare_timeout: Duration,
-
     /// How long a finished transaction's details stay available to Status.
-    #[arg(long, env = "TWOPC_RETENTION", default_value = "10m", value_parser = humantime::parse_duration)]
     pub retention: Duration,
-
     /// Most branches one Execute may name.
-    #[arg(long, env = "TWOPC_MAX_BRANCHES", default_value_t = 64)]
     pub max_branches: usize,
-
     /// Largest payload of one Execute branch, in bytes.
-    #[arg(long, env = "TWOPC_MAX_PAYLOAD_BYTES", default_value_t = 64 * 1024)]
     pub max_payload_bytes: usize,
+}
+
+impl Default for Config {
+    /// The daemon's defaults (docs/OPERATIONS.md lists them).
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            ..Config::for_dir("./data/coordinator")
+        }
+    }
 }
 
 impl Config {
@@ -74,6 +83,7 @@ impl Config {
     pub fn for_dir(data_dir: impl Into<PathBuf>) -> Self {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir: data_dir.into(),
             default_timeout: Duration::from_secs(10),
             max_timeout: Duration::from_secs(300),
@@ -105,8 +115,41 @@ fn ms(d: Duration) -> u64 {
 
 /// Opens the log, recovers, and serves the coordinator on `listener` until
 /// `shutdown` resolves. Then stops accepting requests, stops the driver and
-/// closes the log.
+/// closes the log. No admin listener: [`run_with_admin`] with `None`.
 pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
+    run_with_admin(config, listener, None, shutdown).await
+}
+
+/// Aborts the admin listener's task when the run ends, however it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// [`run`], and also the admin HTTP endpoints on `admin` if given
+/// (`/metrics`, `/healthz`, `/readyz`: see [`admin_http`]). The admin
+/// listener serves from the start, so liveness holds during recovery;
+/// `/readyz` turns 200 once the log is recovered and the gRPC API serves,
+/// and 503 again as soon as `shutdown` resolves. Serving `/metrics`
+/// installs the process's Prometheus recorder ([`instruments::install`]).
+pub async fn run_with_admin(
+    config: Config,
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), Error> {
+    let readiness = Readiness::default();
+    let _admin = admin.map(|admin| {
+        let metrics = instruments::install();
+        if let Err(e) = &metrics {
+            tracing::warn!(error = %e, "/metrics is unavailable");
+        }
+        let state = AdminState { readiness: readiness.clone(), metrics };
+        AbortOnDrop(tokio::spawn(admin_http::serve(admin, state, std::future::pending())))
+    });
     let log = DecisionLog::open(&config.data_dir)?;
     let epoch = log.next_epoch().await?;
     let records = log.load()?;
@@ -139,6 +182,11 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         .build_v1()
         .map_err(|e| Error::Reflection(e.to_string()))?;
 
+    readiness.set(true);
+    let shutdown = async {
+        shutdown.await;
+        readiness.set(false);
+    };
     let result = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)

@@ -300,6 +300,11 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
 
 #[tonic::async_trait]
 impl pb::admin_server::Admin for CoordinatorService {
+    async fn get_log_stats(&self, _request: Request<pb::GetLogStatsRequest>) -> Result<Response<pb::LogStats>, Status> {
+        let s = self.log.store().stats();
+        Ok(Response::new(pb::LogStats { requests: s.requests, writes: s.writes, synced_writes: s.synced_writes }))
+    }
+
     async fn list_transactions(
         &self,
         request: Request<pb::ListTransactionsRequest>,

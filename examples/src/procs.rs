@@ -36,7 +36,7 @@ pub struct Proc {
     /// The address it listens on.
     pub addr: SocketAddr,
     child: Child,
-    _stdout: BufReader<ChildStdout>,
+    stdout: BufReader<ChildStdout>,
 }
 
 impl Proc {
@@ -85,7 +85,29 @@ impl Proc {
         })
         .await
         .with_context(|| format!("{name} did not start listening within {within:?}; see {}", log_file.display()))??;
-        Ok(Proc { name: name.to_owned(), addr, child, _stdout: reader })
+        Ok(Proc { name: name.to_owned(), addr, child, stdout: reader })
+    }
+
+    /// Waits up to `within` for the next stdout line that starts with
+    /// `prefix` (skipping others) and returns the rest of it, trimmed: for
+    /// example the address after "admin listening on ".
+    pub async fn next_line(&mut self, prefix: &str, within: Duration) -> anyhow::Result<String> {
+        let name = &self.name;
+        let reader = &mut self.stdout;
+        tokio::time::timeout(within, async {
+            let mut line = String::new();
+            loop {
+                line.clear();
+                if reader.read_line(&mut line).await? == 0 {
+                    bail!("{name} closed its stdout before printing {prefix:?}");
+                }
+                if let Some(rest) = line.trim().strip_prefix(prefix) {
+                    return Ok(rest.trim().to_owned());
+                }
+            }
+        })
+        .await
+        .with_context(|| format!("{name} did not print {prefix:?} within {within:?}"))?
     }
 
     /// `http://ADDR`.

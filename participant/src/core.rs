@@ -317,6 +317,9 @@ pub enum Phase {
     Prepared,
     /// Releasing a read-only branch (nothing to commit or record).
     Releasing,
+    /// A released read-only branch, remembered until its retention ends so
+    /// that a duplicate Prepare gets the same answer.
+    Released,
     /// Applying commit.
     Committing,
     /// Committed.
@@ -341,11 +344,13 @@ struct Branch {
     queries: u32,
     /// Failed attempts to apply the outcome.
     apply_failures: u32,
+    /// A RetryApply timer is set (the last apply failed).
+    retry_pending: bool,
 }
 
 impl Branch {
     fn new(phase: Phase, deadline: UnixMillis, epoch: u64) -> Self {
-        Branch { phase, deadline, epoch, waiters: Vec::new(), abort_pending: false, prepared: false, queries: 0, apply_failures: 0 }
+        Branch { phase, deadline, epoch, waiters: Vec::new(), abort_pending: false, prepared: false, queries: 0, apply_failures: 0, retry_pending: false }
     }
 }
 
@@ -457,6 +462,7 @@ impl Core {
                         out.push(reply(w, Reply::Error(CoreError::Unavailable(error.clone()))));
                     }
                     b.apply_failures += 1;
+                    b.retry_pending = true;
                     let shift = b.apply_failures.min(16);
                     let delay = self.config.query_base_ms.saturating_mul(1u64 << shift).min(self.config.query_max_ms);
                     out.push(Effect::SetTimer { at: now.plus(delay), timer: Timer::RetryApply(txn) });
@@ -565,7 +571,7 @@ impl Core {
             Phase::Prepared | Phase::Committing | Phase::Committed if b.prepared => {
                 out.push(reply(req, Reply::Voted(SentVote::Yes(PreparedDurable { _private: () }))))
             }
-            Phase::Releasing => out.push(reply(req, Reply::Voted(SentVote::ReadOnly))),
+            Phase::Releasing | Phase::Released => out.push(reply(req, Reply::Voted(SentVote::ReadOnly))),
             Phase::Prepared | Phase::Committing | Phase::Committed => {
                 // Unreachable by construction (these phases follow a durable
                 // PREPARED record); refuse rather than vote YES unproven.
@@ -655,7 +661,7 @@ impl Core {
                 out.push(Effect::Apply { txn, commit: true, record: Some(record(BranchState::Committed, b, now)), synced: true });
             }
             Phase::Committing => b.waiters.push(req),
-            Phase::Committed | Phase::Releasing => out.push(reply(req, Reply::Acked)),
+            Phase::Committed | Phase::Releasing | Phase::Released => out.push(reply(req, Reply::Acked)),
             p => out.push(reply(req, Reply::Error(CoreError::NotPrepared { txn, state: phase_name(p) }))),
         }
     }
@@ -686,7 +692,7 @@ impl Core {
                 out.push(reply(req, Reply::Acked));
             }
             Phase::Aborting => b.waiters.push(req),
-            Phase::Aborted | Phase::Releasing => out.push(reply(req, Reply::Acked)),
+            Phase::Aborted | Phase::Releasing | Phase::Released => out.push(reply(req, Reply::Acked)),
             Phase::Committing | Phase::Committed => out.push(reply(req, Reply::Error(CoreError::AlreadyCommitted(txn)))),
         }
     }
@@ -706,15 +712,7 @@ impl Core {
     fn applied(&mut self, out: &mut Vec<Effect>, now: UnixMillis, txn: TxnId) {
         let Some(b) = self.branches.get_mut(&txn) else { return };
         let done = match b.phase {
-            Phase::Releasing => {
-                // Read-only branch released: nothing to remember.
-                let waiters = std::mem::take(&mut b.waiters);
-                self.branches.remove(&txn);
-                for w in waiters {
-                    out.push(reply(w, Reply::Acked));
-                }
-                return;
-            }
+            Phase::Releasing => Phase::Released,
             Phase::Committing => Phase::Committed,
             Phase::Aborting => Phase::Aborted,
             _ => return,
@@ -765,13 +763,26 @@ impl Core {
                 }
             }
             Timer::Forget(txn) => {
-                if self.branches.get(&txn).is_some_and(|b| matches!(b.phase, Phase::Committed | Phase::Aborted)) {
-                    self.branches.remove(&txn);
-                    out.push(Effect::Forget { txn });
+                match self.branches.get(&txn).map(|b| b.phase) {
+                    Some(Phase::Committed | Phase::Aborted) => {
+                        self.branches.remove(&txn);
+                        out.push(Effect::Forget { txn });
+                    }
+                    // A read-only branch has no record to delete.
+                    Some(Phase::Released) => {
+                        self.branches.remove(&txn);
+                    }
+                    _ => {}
                 }
             }
             Timer::RetryApply(txn) => {
-                let Some(b) = self.branches.get(&txn) else { return };
+                // Only the timer set after a failed apply retries, once: a
+                // stale or replayed timer must not issue a second apply.
+                let Some(b) = self.branches.get_mut(&txn) else { return };
+                if !std::mem::take(&mut b.retry_pending) {
+                    return;
+                }
+                let b = &*b;
                 let effect = match b.phase {
                     Phase::Releasing => Effect::Apply { txn, commit: true, record: None, synced: false },
                     Phase::Committing => {
@@ -798,6 +809,7 @@ pub fn phase_name(p: Phase) -> &'static str {
         Phase::Preparing | Phase::Persisting => "preparing",
         Phase::Prepared => "prepared",
         Phase::Releasing => "read-only, releasing",
+        Phase::Released => "read-only, finished",
         Phase::Committing => "committing",
         Phase::Committed => "committed",
         Phase::Aborting => "aborting",

@@ -511,14 +511,60 @@ fn resource_error_votes_no() {
 }
 
 #[test]
-fn read_only_votes_read_only_releases_and_forgets() {
+fn read_only_votes_read_only_releases_and_forgets_after_retention() {
     let mut h = H::new();
     let r = h.preparing();
     let fx = h.voted(at(110), TX, Ok(Vote::ReadOnly));
     assert_eq!(fx, vec![Fx::Reply(r, R::Voted(Vote::ReadOnly)), Fx::Apply { txn: TX, commit: true, record: None, synced: false }]);
     assert!(h.core.in_doubt().is_empty());
-    assert_eq!(h.applied(at(120), TX), vec![], "nothing to remember, no timer");
+    assert_eq!(h.core.phase(TX), Some(Phase::Releasing));
+    // Released: nothing to record, but remembered until its retention ends.
+    assert_eq!(h.applied(at(120), TX), vec![forget(at(120), TX)]);
+    assert_eq!(h.core.phase(TX), Some(Phase::Released));
+    assert!(h.core.in_doubt().is_empty());
+    assert_eq!(h.applied(at(121), TX), vec![], "a stale second report");
+    // The Forget timer drops it without an Effect::Forget: it has no record.
+    assert_eq!(h.timer(at(120).plus(RETENTION), Timer::Forget(TX)), vec![]);
     assert_eq!(h.core.phase(TX), None);
+    assert_eq!(h.timer(at(121).plus(RETENTION), Timer::Forget(TX)), vec![], "forgotten once");
+}
+
+/// A released read-only branch answers duplicates from memory, as the first
+/// time: Prepare gets READ_ONLY again without asking the resource (with or
+/// without a payload, from any epoch), Commit and Abort are acknowledged,
+/// Join is refused, and timers other than its Forget timer do nothing. Once
+/// forgotten, long past its deadline, a Prepare is refused.
+#[test]
+fn released_read_only_branch_answers_duplicates_from_memory() {
+    let mut h = H::new();
+    let _ = h.preparing();
+    let _ = h.voted(at(110), TX, Ok(Vote::ReadOnly));
+    assert_eq!(h.applied(at(120), TX), vec![forget(at(120), TX)]);
+    let read_only = |r| Fx::Reply(r, R::Voted(Vote::ReadOnly));
+    let (r, fx) = h.prepare(at(130), payload());
+    assert_eq!(fx, vec![read_only(r)], "no second ResourcePrepare");
+    let (r, fx) = h.prepare(at(131), None);
+    assert_eq!(fx, vec![read_only(r)]);
+    let (r, fx) = h.prepare_with(at(132), TX, EPOCH + 1, payload(), dl());
+    assert_eq!(fx, vec![read_only(r)], "not a first Prepare, so not judged stale");
+    let (r, fx) = h.commit(at(140), TX);
+    assert_eq!(fx, vec![acked(r)]);
+    let (r, fx) = h.abort(at(141), TX);
+    assert_eq!(fx, vec![acked(r)]);
+    let (r, fx) = h.join(at(142), TX);
+    assert_eq!(fx, vec![err(r, CoreError::JoinRefused { txn: TX, why: "the transaction is read-only, finished here".into() })]);
+    for t in [Timer::Deadline(TX), Timer::Query(TX), Timer::RetryApply(TX)] {
+        assert_eq!(h.timer(dl(), t), vec![], "{t:?}");
+    }
+    assert_eq!(h.core.phase(TX), Some(Phase::Released));
+    assert!(h.core.in_doubt().is_empty());
+
+    let end = at(120).plus(RETENTION);
+    assert!(end > dl(), "retention outlasts the deadline");
+    assert_eq!(h.timer(end, Timer::Forget(TX)), vec![]);
+    assert_eq!(h.core.phase(TX), None);
+    let (r, fx) = h.prepare(end, payload());
+    assert_eq!(fx, vec![no(r, DEADLINE_PASSED)], "refused without asking the resource");
 }
 
 // ---------------------------------------------------------------------------
@@ -1006,7 +1052,54 @@ fn apply_failed_on_a_prepared_abort_keeps_the_outcome_and_retries() {
     assert_eq!(h.core.phase(TX), Some(Phase::Aborting));
     let retried = Fx::Apply { txn: TX, commit: false, record: Some(rec(BranchState::Aborted, dl(), EPOCH, at(405))), synced: true };
     assert_eq!(h.timer(at(405), Timer::RetryApply(TX)), vec![retried], "a retried abort is written durably");
+    assert_eq!(h.timer(at(406), Timer::RetryApply(TX)), vec![], "a replayed timer applies nothing more");
     assert_eq!(h.decided(at(406), TX, Ok(Decision::Commit)), vec![], "a decided branch ignores late answers");
+}
+
+/// A RetryApply timer applies again only after a failed apply, and only
+/// once per failure: one that fires with no failure pending (stray, stale,
+/// or replayed while the retried apply is in flight or after it landed)
+/// issues no second Apply, so a commit is never applied twice at once.
+#[test]
+fn a_replayed_retry_apply_timer_does_nothing() {
+    let mut h = H::new();
+    let r = h.committing();
+    assert_eq!(h.timer(at(201), Timer::RetryApply(TX)), vec![], "no failed apply: the first apply is in flight");
+    let fx = h.apply_failed(at(205), TX, "resource busy");
+    assert_eq!(
+        fx,
+        vec![err(r, CoreError::Unavailable("resource busy".into())), Fx::Timer(at(205 + 2 * QUERY_BASE), Timer::RetryApply(TX))]
+    );
+    assert_eq!(h.timer(at(405), Timer::RetryApply(TX)), vec![apply_commit(TX, dl(), EPOCH, at(405))]);
+    assert_eq!(h.timer(at(406), Timer::RetryApply(TX)), vec![], "replayed while the retried apply is in flight");
+    // It fails again: one more timer, backing off further, acting once.
+    assert_eq!(h.apply_failed(at(410), TX, "resource busy"), vec![Fx::Timer(at(410 + 4 * QUERY_BASE), Timer::RetryApply(TX))]);
+    assert_eq!(h.timer(at(810), Timer::RetryApply(TX)), vec![apply_commit(TX, dl(), EPOCH, at(810))]);
+    assert_eq!(h.timer(at(811), Timer::RetryApply(TX)), vec![]);
+    assert_eq!(h.timer(at(405), Timer::RetryApply(TX)), vec![], "the first timer, replayed");
+    let (r2, fx) = h.commit(at(812), TX);
+    assert_eq!(fx, vec![], "the coordinator's retry waits for the apply in flight");
+    assert_eq!(h.applied(at(820), TX), vec![acked(r2), forget(at(820), TX)]);
+    assert_eq!(h.timer(at(821), Timer::RetryApply(TX)), vec![], "after the commit landed");
+    assert_eq!(h.core.phase(TX), Some(Phase::Committed));
+}
+
+/// The same for a read-only release: retried once per failure, then
+/// released.
+#[test]
+fn a_failed_release_is_retried_once_per_failure() {
+    let mut h = H::new();
+    let _ = h.preparing();
+    let _ = h.voted(at(110), TX, Ok(Vote::ReadOnly));
+    assert_eq!(h.timer(at(111), Timer::RetryApply(TX)), vec![], "no failed release");
+    assert_eq!(h.apply_failed(at(120), TX, "resource busy"), vec![Fx::Timer(at(120 + 2 * QUERY_BASE), Timer::RetryApply(TX))]);
+    assert_eq!(h.core.phase(TX), Some(Phase::Releasing));
+    let release = Fx::Apply { txn: TX, commit: true, record: None, synced: false };
+    assert_eq!(h.timer(at(320), Timer::RetryApply(TX)), vec![release]);
+    assert_eq!(h.timer(at(321), Timer::RetryApply(TX)), vec![], "replayed");
+    assert_eq!(h.applied(at(330), TX), vec![forget(at(330), TX)]);
+    assert_eq!(h.core.phase(TX), Some(Phase::Released));
+    assert_eq!(h.timer(at(331), Timer::RetryApply(TX)), vec![], "after the release");
 }
 
 #[test]
@@ -1289,7 +1382,7 @@ fn independent_transactions_do_not_interfere() {
 }
 
 // ---------------------------------------------------------------------------
-// Suspected bugs (kept, ignored; see each reason)
+// Bugs found and fixed, kept as regression tests
 // ---------------------------------------------------------------------------
 
 /// Persist before vote and idempotency: a read-only branch has no PREPARED
@@ -1447,6 +1540,10 @@ struct Explorer {
     applies: Vec<TxnId>,
     queries: Vec<TxnId>,
     timers: Vec<(UnixMillis, Timer)>,
+    /// Timers already fired, for replays.
+    fired: Vec<Timer>,
+    /// A failed apply whose RetryApply timer has not acted yet.
+    retry_pending: BTreeSet<TxnId>,
     prefix: String,
     ctx: String,
 }
@@ -1473,6 +1570,8 @@ impl Explorer {
             applies: Vec::new(),
             queries: Vec::new(),
             timers: Vec::new(),
+            fired: Vec::new(),
+            retry_pending: BTreeSet::new(),
             prefix: String::new(),
             ctx: String::new(),
         }
@@ -1508,7 +1607,14 @@ impl Explorer {
             Input::Prepare { req, .. } => {
                 self.prepare_reqs.insert(*req, txn);
             }
+            Input::ApplyFailed { .. } if matches!(before, Some(Phase::Releasing | Phase::Committing | Phase::Aborting)) => {
+                self.retry_pending.insert(txn);
+            }
             _ => {}
+        }
+        let retry_pending = matches!(input, Input::Timer(Timer::RetryApply(_))) && self.retry_pending.remove(&txn);
+        if let Input::Timer(t) = &input {
+            self.fired.push(*t);
         }
         let effects = self.core.step(self.now, input.clone());
         let forgets = effects.iter().filter(|e| matches!(e, Effect::Forget { .. })).count();
@@ -1517,6 +1623,21 @@ impl Explorer {
         if drops_finished {
             assert_eq!(effects, vec![Effect::Forget { txn }], "{}", self.ctx);
             assert_eq!(self.core.phase(txn), None, "{}: {txn} kept after Forget", self.ctx);
+        }
+        if matches!(input, Input::Timer(Timer::Forget(_))) && before == Some(Phase::Released) {
+            assert_eq!(effects, vec![], "{}: a released read-only branch has no record to forget", self.ctx);
+            assert_eq!(self.core.phase(txn), None, "{}: released {txn} kept after its Forget timer", self.ctx);
+        }
+        if matches!(input, Input::Timer(Timer::RetryApply(_))) {
+            if retry_pending {
+                assert!(
+                    matches!(effects.as_slice(), [Effect::Apply { txn: t, .. }] if *t == txn),
+                    "{}: the RetryApply timer after a failed apply must apply once: {effects:?}",
+                    self.ctx
+                );
+            } else {
+                assert_eq!(effects, vec![], "{}: a RetryApply timer with no failed apply pending acted", self.ctx);
+            }
         }
         self.observe(Some((&input, before)), effects);
     }
@@ -1563,6 +1684,7 @@ impl Explorer {
                             );
                         }
                     }
+                    assert!(!self.applies.contains(&txn), "{ctx}: a second Apply of {txn} while one is in flight");
                     // A prepared branch never decides alone.
                     if let Some((input, Some(Phase::Prepared))) = cause {
                         let told = match input {
@@ -1658,6 +1780,13 @@ impl Explorer {
             77..=83 => {
                 let req = self.req();
                 self.apply(Input::Abort { req, txn, epoch: txn.epoch });
+            }
+            84..=89 => {
+                // A stale or replayed timer: each is checked against the
+                // state when it fires.
+                if let Some(timer) = self.rng.pick(&self.fired) {
+                    self.apply(Input::Timer(timer));
+                }
             }
             _ => {
                 if let Some((at, timer)) = self.rng.take(&mut self.timers) {

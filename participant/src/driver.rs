@@ -5,6 +5,14 @@
 //! `BranchRecord`) in the same RocksDB as the resource's data, so that the
 //! resource's staged writes and the PREPARED record, and the resource's
 //! applied writes and the COMMITTED record, each land in one atomic batch.
+//!
+//! Metrics: the driver records the participant's own metrics through the
+//! `metrics` facade, labelled with the participant's name, so whatever
+//! exporter the service installs picks them up (nothing is recorded when it
+//! installs none): [`METRIC_PREPARES`], [`METRIC_APPLIED`],
+//! [`METRIC_IN_DOUBT`] (refreshed every [`GAUGE_INTERVAL`]) and
+//! [`METRIC_QUERY_RETRIES`]. The log writer adds `twopc_log_sync_seconds`
+//! and `twopc_log_batch_requests` (see `twopc_storage`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,11 +28,29 @@ use twopc_proto::pb::coordinator_client::CoordinatorClient;
 use twopc_proto::{Decision, ParticipantName, TxnId, UnixMillis, pb};
 use twopc_storage::{Batch, Durability, LogStore, wait};
 
-use crate::core::{Core, Effect, Input, Reply, ReqId};
+use crate::core::{Core, Effect, Input, Reply, ReqId, SentVote};
 use crate::resource::Resource;
 
 /// Column family of the branch log.
 pub const CF_BRANCHES: &str = "branches";
+
+/// Counter of Prepare requests answered, by `vote` (`yes`, `no`,
+/// `read_only`) and `participant`. Duplicates of a Prepare are answered (and
+/// counted) again.
+pub const METRIC_PREPARES: &str = "twopc_participant_prepares_total";
+/// Counter of outcomes applied to the resource and recorded, by `outcome`
+/// (`commit`, `abort`) and `participant`. Read-only releases are not counted.
+pub const METRIC_APPLIED: &str = "twopc_participant_outcomes_applied_total";
+/// Gauge of branches durably prepared and waiting for the outcome, by
+/// `participant`. They hold their locks until the outcome arrives.
+pub const METRIC_IN_DOUBT: &str = "twopc_participant_in_doubt";
+/// Counter of QueryDecision answers that left a prepared branch in doubt, so
+/// that it asks again after a backoff, by `reason` (`pending`: the
+/// coordinator has not decided yet; `unreachable`: it could not be asked)
+/// and `participant`.
+pub const METRIC_QUERY_RETRIES: &str = "twopc_participant_decision_query_retries_total";
+/// How often the driver refreshes [`METRIC_IN_DOUBT`].
+pub const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
 
 enum Msg {
     Call { req: ReqId, input: Input, reply: oneshot::Sender<Reply> },
@@ -117,7 +143,23 @@ impl Driver {
         for e in recovery {
             self.perform(e);
         }
-        while let Some(msg) = rx.recv().await {
+        let mut gauges = tokio::time::interval(GAUGE_INTERVAL);
+        gauges.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            // The gauge tick first: it is ready once a second, so it never
+            // starves the inputs, and a steady stream of inputs cannot starve
+            // it.
+            let msg = tokio::select! {
+                biased;
+                _ = gauges.tick() => {
+                    self.refresh_gauges();
+                    continue;
+                }
+                msg = rx.recv() => match msg {
+                    Some(msg) => msg,
+                    None => return,
+                },
+            };
             let input = match msg {
                 Msg::Call { req, input, reply } => {
                     self.pending.insert(req, reply);
@@ -145,6 +187,13 @@ impl Driver {
         }
     }
 
+    /// Sets the gauges from the core (a scan of the branches, so it runs on
+    /// a timer rather than after every step).
+    fn refresh_gauges(&self) {
+        let in_doubt = self.core.in_doubt().len();
+        metrics::gauge!(METRIC_IN_DOUBT, "participant" => self.parts.name.as_str().to_owned()).set(in_doubt as f64);
+    }
+
     fn internal(&self, fut: impl Future<Output = Input> + Send + 'static) {
         let tx = self.tx.clone();
         tokio::spawn(async move {
@@ -157,6 +206,14 @@ impl Driver {
         let parts = self.parts.clone();
         match effect {
             Effect::Reply { req, reply } => {
+                if let Reply::Voted(v) = &reply {
+                    let vote = match v {
+                        SentVote::Yes(_) => "yes",
+                        SentVote::No(_) => "no",
+                        SentVote::ReadOnly => "read_only",
+                    };
+                    metrics::counter!(METRIC_PREPARES, "participant" => parts.name.as_str().to_owned(), "vote" => vote).increment(1);
+                }
                 if let Some(tx) = self.pending.remove(&req) {
                     let _ = tx.send(reply);
                 }
@@ -218,6 +275,9 @@ impl Driver {
                     }
                     if recorded {
                         twopc_storage::crash_point!("participant::after_outcome_apply");
+                        let outcome = if commit { "commit" } else { "abort" };
+                        metrics::counter!(METRIC_APPLIED, "participant" => parts.name.as_str().to_owned(), "outcome" => outcome)
+                            .increment(1);
                     }
                     parts.resource.finished(txn, commit);
                     Input::Applied { txn }
@@ -240,6 +300,15 @@ impl Driver {
                 match &decision {
                     Ok(d) => debug!(%txn, ?d, "decision queried"),
                     Err(e) => warn!(%txn, error = %e, "cannot ask the coordinator for the outcome; will retry"),
+                }
+                let retry = match &decision {
+                    Ok(Decision::Pending) => Some("pending"),
+                    Err(_) => Some("unreachable"),
+                    Ok(_) => None,
+                };
+                if let Some(reason) = retry {
+                    metrics::counter!(METRIC_QUERY_RETRIES, "participant" => parts.name.as_str().to_owned(), "reason" => reason)
+                        .increment(1);
                 }
                 Input::Decided { txn, decision }
             }),

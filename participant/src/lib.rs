@@ -248,6 +248,13 @@ impl Participant {
             .collect())
     }
 
+    /// The participant's store (branch log and resource data), for writes
+    /// outside transactions — a baseline in a benchmark, say. Writes made
+    /// here bypass locking and the protocol.
+    pub fn store(&self) -> Arc<dyn LogStore> {
+        self.store.clone()
+    }
+
     /// Counters of the participant's log writer.
     pub fn log_stats(&self) -> twopc_storage::WriterStats {
         self.store.stats()

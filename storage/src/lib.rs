@@ -22,6 +22,10 @@
 //!
 //! [`MemStore`] keeps the same contract in memory (everything "durable" at
 //! once) for tests and simulations; [`conformance`] checks both.
+//!
+//! The writer records [`METRIC_SYNC_SECONDS`] and [`METRIC_BATCH_REQUESTS`]
+//! for every synced write through the `metrics` facade (a no-op unless the
+//! process installs a recorder).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -186,6 +190,12 @@ struct WriteRequest {
     done: tokio::sync::oneshot::Sender<Result<(), StorageError>>,
 }
 
+/// Histogram of the latency of each synced (fsync'd) group write, in seconds.
+pub const METRIC_SYNC_SECONDS: &str = "twopc_log_sync_seconds";
+/// Histogram of the number of requests merged into each synced group write:
+/// how well group commit amortises fsyncs.
+pub const METRIC_BATCH_REQUESTS: &str = "twopc_log_batch_requests";
+
 /// Most requests merged into one RocksDB write, so one huge burst cannot
 /// delay the first caller unboundedly.
 const MAX_GROUP: usize = 1024;
@@ -257,7 +267,14 @@ fn writer_loop(db: &rocksdb::DB, rx: &mpsc::Receiver<WriteRequest>, counters: &C
             }
         }
         let sync = group.iter().any(|r| r.durability == Durability::Synced);
+        let started = std::time::Instant::now();
         let result = write_group(db, &group, sync);
+        if sync {
+            // Through the `metrics` facade: a no-op unless the process
+            // installed a recorder (the coordinator daemon does).
+            metrics::histogram!(METRIC_SYNC_SECONDS).record(started.elapsed().as_secs_f64());
+            metrics::histogram!(METRIC_BATCH_REQUESTS).record(group.len() as f64);
+        }
         counters.requests.fetch_add(group.len() as u64, Ordering::Relaxed);
         counters.writes.fetch_add(1, Ordering::Relaxed);
         if sync {

@@ -181,6 +181,8 @@ impl ProcCluster {
         let service_bin = binary("shop-service")?;
         let caddr = reserve_port().await?;
         let mut cargs = vec!["--data-dir".into(), dir.path().join("coordinator").display().to_string()];
+        // Any free admin port: several clusters may run at once.
+        cargs.extend(["--admin-listen".into(), "127.0.0.1:0".into()]);
         // Short retry cap: a node that comes back is found quickly.
         cargs.extend(["--prepare-timeout".into(), "3s".into()]);
         cargs.extend(options.coordinator_args.iter().cloned());

@@ -755,7 +755,7 @@ impl World {
     pub fn violations(&self) -> Vec<String> {
         let mut v = self.damage();
         let o = &self.obs;
-        for ((p, txn), _) in &o.applied {
+        for (p, txn) in o.applied.keys() {
             // Validity: commit only if every participant durably prepared.
             if let Some(span) = o.spans.get(txn) {
                 for q in span {

@@ -34,7 +34,14 @@ async fn start(dir: &Path) -> (Proc, Vec<Proc>) {
     let c = Proc::start(
         "coordinator",
         &binary("twopc-coordinator").expect("built"),
-        &["--listen".into(), "127.0.0.1:0".into(), "--data-dir".into(), dir.join("c").display().to_string()],
+        &[
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--admin-listen".into(),
+            "127.0.0.1:0".into(),
+            "--data-dir".into(),
+            dir.join("c").display().to_string(),
+        ],
         &dir.join("c.log"),
         within,
     )

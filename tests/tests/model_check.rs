@@ -121,7 +121,7 @@ fn check(name: &str, cfg: SimConfig, reachable: Reachable, damage_only: bool) ->
 }
 
 fn assert_clean(name: &str, o: &Outcome) {
-    for (prop, actions, why) in &o.discoveries {
+    if let Some((prop, actions, why)) = o.discoveries.first() {
         panic!("{name}: property {prop:?} violated: {why:?}\ncounterexample ({} steps):\n{actions:#?}", actions.len());
     }
 }
@@ -188,13 +188,9 @@ fn deeper_configurations_by_hand() {
         return;
     }
     let runs = [
-        ("2 participants, 1 loss, 1 duplicate, 1 crash, 2 timers", faults(base(2, vec![(vec![0, 1], None)]), 1, 1, 1, 2)),
-        (
-            "2 transactions over 2 participants, 1 crash, 1 timer",
-            faults(base(2, vec![(vec![0, 1], None), (vec![0, 1], Some(0))]), 0, 0, 1, 1),
-        ),
+        ("2 participants, 1 loss, 2 crashes, 1 timer", faults(base(2, vec![(vec![0, 1], None)]), 1, 0, 2, 1)),
+        ("2 transactions over 2 participants, 1 crash", faults(base(2, vec![(vec![0, 1], None), (vec![0, 1], Some(0))]), 0, 0, 1, 0)),
         ("3 participants, 1 crash, 1 timer", faults(base(3, vec![(vec![0, 1, 2], None)]), 0, 0, 1, 1)),
-        ("3 participants, 1 loss, 2 crashes, 2 timers", faults(base(3, vec![(vec![0, 1, 2], None)]), 1, 0, 2, 2)),
     ];
     for (name, cfg) in runs {
         let o = check(name, cfg, Reachable::Both, false);

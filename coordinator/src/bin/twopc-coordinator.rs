@@ -1,50 +1,85 @@
-//! The coordinator daemon: parses its configuration, binds the gRPC port,
-//! prints "listening on ADDR" on stdout once it accepts connections, and
-//! serves until SIGINT or SIGTERM.
+//! The coordinator daemon: resolves its configuration (flags over `TWOPC_*`
+//! environment variables over the `--config` TOML file over defaults), binds
+//! the gRPC port and the admin HTTP port, prints "listening on ADDR" and then
+//! "admin listening on ADDR" on stdout once it accepts connections, and
+//! serves until SIGINT or SIGTERM. `twopc-coordinator config show` prints
+//! the effective configuration as TOML instead.
+//!
+//! Exit codes: 0 after a clean stop (or `config show`), 1 when it cannot
+//! start or fails while serving, 2 for a usage error (bad flag, bad
+//! environment value, unreadable or invalid configuration file).
 
 use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
 
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand};
+use twopc_coordinator::config::{DaemonConfig, LogFormat, Options};
 
 /// Two-phase-commit coordinator with an embedded RocksDB decision log.
 ///
 /// Every option can also be set with the environment variable named in its
-/// help (prefix TWOPC_); a flag wins over the environment.
+/// help (prefix TWOPC_) or as a key of the TOML file given by --config;
+/// a flag wins over the environment, which wins over the file, which wins
+/// over the default. docs/OPERATIONS.md describes each option.
 #[derive(Debug, Parser)]
 #[command(name = "twopc-coordinator", version)]
 struct Cli {
+    /// TOML configuration file; its keys are the long option names with
+    /// underscores (default_timeout = "7s").
+    #[arg(long, env = "TWOPC_CONFIG", value_name = "PATH", global = true)]
+    config: Option<PathBuf>,
+
     #[command(flatten)]
-    config: twopc_coordinator::Config,
+    options: Options,
 
-    /// Log format on stderr: JSON lines, human-readable text, or auto (text
-    /// on a terminal, JSON otherwise).
-    #[arg(long, env = "TWOPC_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
-    log_format: LogFormat,
-
-    /// Log filter, in tracing's EnvFilter syntax (for example "info" or
-    /// "twopc_coordinator=debug").
-    #[arg(long, env = "TWOPC_LOG", default_value = "info")]
-    log: String,
+    #[command(subcommand)]
+    command: Option<Command>,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Auto,
-    Json,
-    Text,
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Inspect the configuration.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigAction {
+    /// Print the effective configuration (after flags, environment, file and
+    /// defaults) as TOML, usable as a --config file, and exit.
+    Show,
 }
 
 fn main() {
     let cli = Cli::parse();
+    let file = match &cli.config {
+        Some(path) => match Options::from_file(path) {
+            Ok(o) => Some(o),
+            Err(e) => usage(&e.to_string()),
+        },
+        None => None,
+    };
+    let config = DaemonConfig::resolve(cli.options, file);
+    if let Some(Command::Config { action: ConfigAction::Show }) = cli.command {
+        let mut out = std::io::stdout();
+        let _ = out.write_all(config.to_toml().as_bytes());
+        let _ = out.flush();
+        return;
+    }
     if let Err(e) = twopc_storage::crash::arm_from_env() {
         fail(&e);
     }
-    let json = match cli.log_format {
+    let json = match config.log_format {
         LogFormat::Json => true,
         LogFormat::Text => false,
         LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = match tracing_subscriber::EnvFilter::try_new(&config.log) {
+        Ok(f) => f,
+        Err(e) => usage(&format!("invalid log filter {:?}: {e}", config.log)),
+    };
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if json {
         builder.json().init();
@@ -55,7 +90,7 @@ fn main() {
         Ok(r) => r,
         Err(e) => fail(&format!("cannot start the runtime: {e}")),
     };
-    if let Err(e) = runtime.block_on(serve(cli.config)) {
+    if let Err(e) = runtime.block_on(serve(config.coordinator)) {
         fail(&e);
     }
 }
@@ -63,11 +98,16 @@ fn main() {
 async fn serve(config: twopc_coordinator::Config) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind(config.listen).await.map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    tracing::info!(%addr, "twopc-coordinator listening");
+    let admin = tokio::net::TcpListener::bind(config.admin_listen)
+        .await
+        .map_err(|e| format!("cannot listen on {} (admin): {e}", config.admin_listen))?;
+    let admin_addr = admin.local_addr().map_err(|e| e.to_string())?;
+    tracing::info!(%addr, %admin_addr, "twopc-coordinator listening");
     let mut out = std::io::stdout();
     let _ = writeln!(out, "listening on {addr}");
+    let _ = writeln!(out, "admin listening on {admin_addr}");
     let _ = out.flush();
-    twopc_coordinator::run(config, listener, shutdown_signal()).await.map_err(|e| e.to_string())?;
+    twopc_coordinator::run_with_admin(config, listener, Some(admin), shutdown_signal()).await.map_err(|e| e.to_string())?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -95,4 +135,9 @@ async fn shutdown_signal() {
 fn fail(msg: &str) -> ! {
     eprintln!("twopc-coordinator: {msg}");
     std::process::exit(1);
+}
+
+fn usage(msg: &str) -> ! {
+    eprintln!("twopc-coordinator: {msg}");
+    std::process::exit(2);
 }

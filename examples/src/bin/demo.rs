@@ -115,7 +115,14 @@ async fn start(dir: &std::path::Path) -> anyhow::Result<Cluster> {
     let coordinator = Proc::start(
         "coordinator",
         &binary("twopc-coordinator")?,
-        &["--listen".into(), "127.0.0.1:0".into(), "--data-dir".into(), dir.join("coordinator").display().to_string()],
+        &[
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--admin-listen".into(),
+            "127.0.0.1:0".into(),
+            "--data-dir".into(),
+            dir.join("coordinator").display().to_string(),
+        ],
         &dir.join("coordinator.log"),
         within,
     )

@@ -1,0 +1,269 @@
+//! Operating the daemon end to end: the real `twopc-coordinator` binary with
+//! its admin HTTP listener (`/metrics`, `/healthz`, `/readyz`) after real
+//! transactions through two example services and the `twopc` CLI, and the
+//! configuration precedence (flags > `TWOPC_*` environment > `--config`
+//! TOML file > defaults) as `config show` reports it. Needs the binaries
+//! built (`cargo build --release --workspace --bins`).
+//!
+//! The admin endpoints are read with a hand-written HTTP/1.1 GET over a
+//! plain TCP connection, as a probe or a scraper would.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use twopc_examples::procs::{Proc, binary};
+
+const WITHIN: Duration = Duration::from_secs(60);
+
+/// `GET path` on `addr`; the status code and the body.
+async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect to the admin listener");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("send the request");
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))
+        .await
+        .expect("the admin listener answers within 10 s")
+        .expect("read the response");
+    let text = String::from_utf8(raw).expect("a UTF-8 response");
+    let (head, body) = text.split_once("\r\n\r\n").expect("a response with a header block");
+    let status = head.split_whitespace().nth(1).and_then(|code| code.parse().ok()).unwrap_or_else(|| panic!("no status code in {head:?}"));
+    (status, body.to_owned())
+}
+
+/// Polls `GET path` until the body contains every needle; returns it.
+async fn scrape_until(addr: SocketAddr, path: &str, needles: &[&str]) -> String {
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = get(addr, path).await;
+        if status == 200 && needles.iter().all(|n| body.contains(n)) {
+            return body;
+        }
+        if tokio::time::Instant::now() > give_up {
+            let missing: Vec<&&str> = needles.iter().filter(|n| !body.contains(**n)).collect();
+            panic!("{path} answered {status} without {missing:?}:\n{body}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The value of the sample line `series` (name and labels exactly as
+/// rendered) in a Prometheus text body.
+fn sample(body: &str, series: &str) -> Option<f64> {
+    body.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+async fn twopc(coordinator: &str, args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new(binary("twopc").expect("twopc is built"))
+        .arg("--coordinator")
+        .arg(coordinator)
+        .args(args)
+        .output()
+        .await
+        .expect("twopc runs");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+async fn start_services(dir: &Path, coordinator: &str) -> Vec<Proc> {
+    let mut ps = Vec::new();
+    for role in ["wallet", "orders"] {
+        let args: Vec<String> = vec![
+            "--role".into(),
+            role.into(),
+            "--data-dir".into(),
+            dir.join(role).display().to_string(),
+            "--coordinator".into(),
+            coordinator.into(),
+        ];
+        ps.push(
+            Proc::start(role, &binary("shop-service").expect("built"), &args, &dir.join(format!("{role}.log")), WITHIN)
+                .await
+                .expect("service starts"),
+        );
+    }
+    ps
+}
+
+#[tokio::test]
+async fn admin_listener_serves_metrics_health_and_readiness() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let args: Vec<String> =
+        ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--data-dir", &dir.path().join("c").display().to_string()]
+            .map(String::from)
+            .to_vec();
+    let mut c = Proc::start("coordinator", &binary("twopc-coordinator").expect("built"), &args, &dir.path().join("c.log"), WITHIN)
+        .await
+        .expect("coordinator starts");
+    let admin: SocketAddr = c
+        .next_line("admin listening on ", WITHIN)
+        .await
+        .expect("prints the admin address after the gRPC one")
+        .parse()
+        .expect("a socket address");
+    assert_ne!(admin.port(), 0, "port 0 is resolved to the bound port");
+
+    assert_eq!(get(admin, "/healthz").await.0, 200, "live while the process runs");
+    scrape_until(admin, "/readyz", &["ready"]).await;
+    assert_eq!(get(admin, "/nowhere").await.0, 404);
+
+    let mut ps = start_services(dir.path(), &c.url()).await;
+    let url = c.url();
+    let (code, out, err) = twopc(&url, &["execute", "--branch", "wallet=put balance/m 5", "--branch", "orders=put order/m 1"]).await;
+    assert_eq!(code, 0, "execute commits: {out} {err}");
+    let (code, out, err) =
+        twopc(&url, &["execute", "-b", "wallet=incr balance/m -10; check balance/m >= 0", "-b", "orders=put order/n 1"]).await;
+    assert_eq!(code, 3, "a NO vote aborts: {out} {err}");
+
+    // Phase two and the gauges settle just after the initiator hears the
+    // outcome: poll for the final values.
+    let body = scrape_until(
+        admin,
+        "/metrics",
+        &[
+            "twopc_transactions_total{outcome=\"committed\"} 1",
+            "twopc_transactions_total{outcome=\"aborted\",reason=\"PARTICIPANT_VOTED_NO\"} 1",
+            "twopc_transaction_seconds_count{outcome=\"committed\"} 1",
+            "twopc_phase_two_seconds_count{decision=\"commit\"} 1",
+            "twopc_in_doubt 0",
+            "twopc_in_flight 0",
+        ],
+    )
+    .await;
+    // Real histograms (buckets, sum, count), not summaries.
+    assert!(body.contains("twopc_transaction_seconds_bucket{outcome=\"committed\",le=\"+Inf\"} 1"), "{body}");
+    assert!(body.contains("# TYPE twopc_transaction_seconds histogram"), "{body}");
+    assert_eq!(sample(&body, "twopc_prepare_seconds_count"), Some(2.0), "both transactions prepared:\n{body}");
+    assert_eq!(sample(&body, "twopc_decision_write_seconds_count"), Some(1.0), "one COMMIT decision was forced:\n{body}");
+    assert!(sample(&body, "twopc_log_sync_seconds_count").is_some_and(|n| n >= 1.0), "the log writer's fsyncs:\n{body}");
+    assert!(sample(&body, "twopc_log_batch_requests_count").is_some_and(|n| n >= 1.0), "group-commit batch sizes:\n{body}");
+    assert_eq!(sample(&body, "twopc_oldest_in_doubt_seconds"), Some(0.0), "{body}");
+    assert!(body.contains("# HELP twopc_transactions_total"), "metrics are described:\n{body}");
+
+    for p in ps.iter_mut() {
+        let s = p.terminate(Duration::from_secs(10)).await.expect("service stops on SIGTERM");
+        assert!(s.success(), "{} exited with {s}", p.name);
+    }
+    let s = c.terminate(Duration::from_secs(10)).await.expect("coordinator stops on SIGTERM");
+    assert!(s.success(), "coordinator exited with {s}");
+}
+
+struct Shown {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+/// `twopc-coordinator ARGS` with exactly the environment `env`.
+async fn coordinator(args: &[&str], env: &[(&str, &str)]) -> Shown {
+    let out = tokio::process::Command::new(binary("twopc-coordinator").expect("built"))
+        .args(args)
+        .env_clear()
+        .envs(env.iter().copied())
+        .output()
+        .await
+        .expect("twopc-coordinator runs");
+    Shown {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[tokio::test]
+async fn config_show_applies_flags_over_env_over_file_over_defaults() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("coordinator.toml");
+    std::fs::write(&file, "default_timeout = \"7s\"\nmax_branches = 10\nprepare_timeout = \"3s\"\nlog_format = \"json\"\n")
+        .expect("write config");
+    let file = file.display().to_string();
+
+    let env = [("TWOPC_CONFIG", file.as_str()), ("TWOPC_RETENTION", "1m"), ("TWOPC_PREPARE_TIMEOUT", "4s"), ("TWOPC_LOG", "debug")];
+    let shown = coordinator(&["--max-branches", "20", "config", "show", "--log", "warn"], &env).await;
+    assert_eq!(shown.code, 0, "config show exits 0: {}", shown.stderr);
+    for line in [
+        "default_timeout = \"7s\"",          // the file over the default
+        "max_branches = 20",                 // a flag over the file
+        "retention = \"1m\"",                // the environment over the default
+        "prepare_timeout = \"4s\"",          // the environment over the file
+        "log = \"warn\"",                    // a flag over the environment
+        "log_format = \"json\"",             // the file
+        "max_timeout = \"5m\"",              // the default
+        "admin_listen = \"127.0.0.1:9464\"", // the default
+    ] {
+        assert!(shown.stdout.lines().any(|l| l == line), "config show lacks {line:?}:\n{}", shown.stdout);
+    }
+
+    // What config show prints is itself a valid configuration file.
+    let again = dir.path().join("shown.toml");
+    std::fs::write(&again, &shown.stdout).expect("write");
+    let round = coordinator(&["--config", &again.display().to_string(), "config", "show"], &[]).await;
+    assert_eq!((round.code, round.stdout.as_str()), (0, shown.stdout.as_str()), "{}", round.stderr);
+
+    // An unknown key, or a value that does not parse: one line, exit 2.
+    for (text, needle) in [
+        ("default_timeout = \"7s\"\nbogus = 1\n", "unknown field `bogus`"),
+        ("retention = \"soon\"\n", "invalid duration"),
+        ("max_branches = [\n", ":1:"),
+    ] {
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, text).expect("write");
+        let r = coordinator(&["--config", &bad.display().to_string()], &[]).await;
+        assert_eq!(r.code, 2, "{text:?}: exit code 2, got {} ({})", r.code, r.stderr);
+        assert_eq!(r.stderr.trim_end().lines().count(), 1, "{text:?}: one line on stderr, got {:?}", r.stderr);
+        assert!(
+            r.stderr.contains("bad.toml:") && r.stderr.contains(needle),
+            "{text:?}: {:?} should name the file and {needle:?}",
+            r.stderr
+        );
+        assert!(r.stdout.is_empty(), "nothing starts: {:?}", r.stdout);
+    }
+    let missing = coordinator(&["--config", "/nonexistent/twopc.toml", "config", "show"], &[]).await;
+    assert_eq!(missing.code, 2, "{}", missing.stderr);
+    assert!(missing.stderr.contains("cannot read the configuration file"), "{}", missing.stderr);
+}
+
+/// The participant library records through the same facade, so a service
+/// that installs an exporter (here the coordinator's, in-process) serves its
+/// metrics too.
+#[tokio::test]
+async fn participant_metrics_reach_the_process_exporter() {
+    let metrics = twopc_coordinator::instruments::install().expect("the first recorder of this test process");
+    let (c, ps) = twopc_tests::cluster(&["wallet", "orders"]).await;
+    let client = c.client();
+    let ok = client.execute([("wallet", "put balance/p 5"), ("orders", "put order/p 1")], Duration::from_secs(5)).await.expect("execute");
+    assert_eq!(ok.outcome, twopc_participant::Outcome::Committed);
+    let no = client
+        .execute([("wallet", "incr balance/p -10; check balance/p >= 0"), ("orders", "put order/q 1")], Duration::from_secs(5))
+        .await
+        .expect("execute");
+    assert!(matches!(no.outcome, twopc_participant::Outcome::Aborted(_)), "{:?}", no.outcome);
+    twopc_tests::settled(&ps).await;
+
+    let needles = [
+        "twopc_participant_prepares_total{participant=\"wallet\",vote=\"yes\"} 1",
+        "twopc_participant_prepares_total{participant=\"wallet\",vote=\"no\"} 1",
+        "twopc_participant_outcomes_applied_total{participant=\"wallet\",outcome=\"commit\"} 1",
+        "twopc_participant_outcomes_applied_total{participant=\"orders\",outcome=\"commit\"} 1",
+        "twopc_participant_in_doubt{participant=\"wallet\"} 0",
+        "twopc_participant_in_doubt{participant=\"orders\"} 0",
+    ];
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let body = metrics.render();
+        if needles.iter().all(|n| body.contains(n)) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "missing {:?} in:\n{body}",
+            needles.iter().filter(|n| !body.contains(**n)).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for p in ps {
+        p.stop().await;
+    }
+    c.stop().await;
+}
