@@ -73,8 +73,8 @@ pub struct Options {
     #[serde(default, skip_serializing_if = "Option::is_none", with = "human_duration")]
     pub prepare_timeout: Option<Duration>,
 
-    /// How long a finished transaction's details stay available to Status.
-    /// [default: 10m]
+    /// How long a finished transaction stays in memory for Status and
+    /// retried Commits before it is forgotten. [default: 1m]
     #[arg(long, env = "TWOPC_RETENTION", value_name = "DURATION", value_parser = humantime::parse_duration, global = true)]
     #[serde(default, skip_serializing_if = "Option::is_none", with = "human_duration")]
     pub retention: Option<Duration>,

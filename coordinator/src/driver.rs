@@ -99,7 +99,7 @@ impl Handle {
 pub fn spawn(core: Core, recovery: Vec<Effect>, log: DecisionLog, config: DriverConfig) -> Handle {
     let (tx, rx) = mpsc::channel(16_384);
     let handle = Handle { tx: tx.clone(), next_req: Arc::new(AtomicU64::new(1)) };
-    let driver = Driver { core, log, config, tx, pending: HashMap::new(), clients: HashMap::new(), timings: HashMap::new() };
+    let driver = Driver { core, log, config, tx, pending: HashMap::new(), clients: HashMap::new(), timings: HashMap::new(), timers: Default::default() };
     tokio::spawn(driver.run(rx, recovery));
     handle
 }
@@ -114,6 +114,8 @@ struct Driver {
     /// When each phase of a transaction of this run began, for the latency
     /// histograms; dropped when its phase two finishes or it is forgotten.
     timings: HashMap<TxnId, Timing>,
+    /// Every timer the core set, with one sleep for the earliest.
+    timers: twopc_storage::timers::TimerQueue<crate::core::Timer>,
 }
 
 /// Where a transaction is, as [`Core::progress`] reports it: state, phase
@@ -175,10 +177,17 @@ impl Driver {
             // The gauge tick first: it is ready once a second, so it never
             // starves the inputs, and a steady stream of inputs cannot starve
             // it.
+            let next_timer = self.timers.next_at();
             let msg = tokio::select! {
                 biased;
                 _ = gauges.tick() => {
                     self.refresh_gauges();
+                    continue;
+                }
+                _ = twopc_storage::timers::sleep_until(next_timer) => {
+                    for timer in self.timers.pop_due() {
+                        self.handle(Input::Timer(timer));
+                    }
                     continue;
                 }
                 msg = rx.recv() => match msg {
@@ -206,16 +215,22 @@ impl Driver {
                     return;
                 }
             };
-            let txn = input_txn(&input);
-            let before = txn.and_then(|t| self.core.progress(t));
-            let effects = self.core.step(UnixMillis::now(), input);
-            if let Some(txn) = txn.or_else(|| created(&effects)) {
-                let after = self.core.progress(txn);
-                self.observe(txn, before, after);
-            }
-            for e in effects {
-                self.perform(e);
-            }
+            self.handle(input);
+        }
+    }
+
+    /// Steps the core with one input, records its metrics and performs its
+    /// effects.
+    fn handle(&mut self, input: Input) {
+        let txn = input_txn(&input);
+        let before = txn.and_then(|t| self.core.progress(t));
+        let effects = self.core.step(UnixMillis::now(), input);
+        if let Some(txn) = txn.or_else(|| created(&effects)) {
+            let after = self.core.progress(txn);
+            self.observe(txn, before, after);
+        }
+        for e in effects {
+            self.perform(e);
         }
     }
 
@@ -390,13 +405,7 @@ impl Driver {
                     Input::Delivered { txn, participant, result }
                 });
             }
-            Effect::SetTimer { at, timer } => {
-                let delay = UnixMillis::now().until(at);
-                self.internal(async move {
-                    tokio::time::sleep(Duration::from_millis(delay)).await;
-                    Input::Timer(timer)
-                });
-            }
+            Effect::SetTimer { at, timer } => self.timers.set(at.0, timer),
         }
     }
 }

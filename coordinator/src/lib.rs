@@ -88,7 +88,7 @@ impl Config {
             default_timeout: Duration::from_secs(10),
             max_timeout: Duration::from_secs(300),
             prepare_timeout: Duration::from_secs(5),
-            retention: Duration::from_secs(600),
+            retention: Duration::from_secs(60),
             max_branches: 64,
             max_payload_bytes: 64 * 1024,
         }

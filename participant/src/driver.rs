@@ -123,7 +123,7 @@ pub fn load_branches(store: &dyn LogStore) -> Result<Vec<(TxnId, BranchRecord)>,
 pub fn spawn(core: Core, recovery: Vec<Effect>, parts: Parts) -> Handle {
     let (tx, rx) = mpsc::channel(16_384);
     let handle = Handle { tx: tx.clone(), next_req: Arc::new(AtomicU64::new(1)) };
-    let driver = Driver { core, parts: Arc::new(parts), tx, pending: HashMap::new(), staged: HashMap::new() };
+    let driver = Driver { core, parts: Arc::new(parts), tx, pending: HashMap::new(), staged: HashMap::new(), timers: Default::default() };
     tokio::spawn(driver.run(rx, recovery));
     handle
 }
@@ -136,6 +136,8 @@ struct Driver {
     /// What each resource prepare staged, until the PREPARED record is
     /// written with it.
     staged: HashMap<TxnId, Batch>,
+    /// Every timer the core set, with one sleep for the earliest.
+    timers: twopc_storage::timers::TimerQueue<crate::core::Timer>,
 }
 
 impl Driver {
@@ -149,10 +151,19 @@ impl Driver {
             // The gauge tick first: it is ready once a second, so it never
             // starves the inputs, and a steady stream of inputs cannot starve
             // it.
+            let next_timer = self.timers.next_at();
             let msg = tokio::select! {
                 biased;
                 _ = gauges.tick() => {
                     self.refresh_gauges();
+                    continue;
+                }
+                _ = twopc_storage::timers::sleep_until(next_timer) => {
+                    for timer in self.timers.pop_due() {
+                        for e in self.core.step(UnixMillis::now(), Input::Timer(timer)) {
+                            self.perform(e);
+                        }
+                    }
                     continue;
                 }
                 msg = rx.recv() => match msg {
@@ -322,13 +333,7 @@ impl Driver {
                     }
                 });
             }
-            Effect::SetTimer { at, timer } => {
-                let delay = UnixMillis::now().until(at);
-                self.internal(async move {
-                    tokio::time::sleep(Duration::from_millis(delay)).await;
-                    Input::Timer(timer)
-                });
-            }
+            Effect::SetTimer { at, timer } => self.timers.set(at.0, timer),
         }
     }
 }

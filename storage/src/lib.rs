@@ -35,6 +35,7 @@ use std::thread::JoinHandle;
 
 pub mod conformance;
 pub mod crash;
+pub mod timers;
 
 /// A column family name. Each user of the store declares its own.
 pub type Cf = &'static str;
