@@ -73,6 +73,13 @@ pub struct Options {
     #[serde(default, skip_serializing_if = "Option::is_none", with = "human_duration")]
     pub prepare_timeout: Option<Duration>,
 
+    /// On SIGTERM, how long transactions already begun may take to reach a
+    /// decision before the rest are aborted and the daemon exits.
+    /// [default: 10s]
+    #[arg(long, env = "TWOPC_DRAIN_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration, global = true)]
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "human_duration")]
+    pub drain_timeout: Option<Duration>,
+
     /// How long a finished transaction stays in memory for Status and
     /// retried Commits before it is forgotten. [default: 1m]
     #[arg(long, env = "TWOPC_RETENTION", value_name = "DURATION", value_parser = humantime::parse_duration, global = true)]
@@ -144,6 +151,7 @@ impl Options {
             max_timeout: Some(config.max_timeout),
             prepare_timeout: Some(config.prepare_timeout),
             retention: Some(config.retention),
+            drain_timeout: Some(config.drain_timeout),
             max_branches: Some(config.max_branches),
             max_payload_bytes: Some(config.max_payload_bytes),
             log_format: Some(log_format),
@@ -162,6 +170,7 @@ impl Options {
             max_timeout: self.max_timeout.or(lower.max_timeout),
             prepare_timeout: self.prepare_timeout.or(lower.prepare_timeout),
             retention: self.retention.or(lower.retention),
+            drain_timeout: self.drain_timeout.or(lower.drain_timeout),
             max_branches: self.max_branches.or(lower.max_branches),
             max_payload_bytes: self.max_payload_bytes.or(lower.max_payload_bytes),
             log_format: self.log_format.or(lower.log_format),
@@ -224,6 +233,7 @@ impl DaemonConfig {
                 max_timeout: o.max_timeout.unwrap_or(d.max_timeout),
                 prepare_timeout: o.prepare_timeout.unwrap_or(d.prepare_timeout),
                 retention: o.retention.unwrap_or(d.retention),
+                drain_timeout: o.drain_timeout.unwrap_or(d.drain_timeout),
                 max_branches: o.max_branches.unwrap_or(d.max_branches),
                 max_payload_bytes: o.max_payload_bytes.unwrap_or(d.max_payload_bytes),
             },

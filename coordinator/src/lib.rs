@@ -60,6 +60,10 @@ pub struct Config {
     pub prepare_timeout: Duration,
     /// How long a finished transaction's details stay available to Status.
     pub retention: Duration,
+
+    /// On shutdown, how long transactions already begun may take to reach a
+    /// decision before the rest are aborted.
+    pub drain_timeout: Duration,
     /// Most branches one Execute may name.
     pub max_branches: usize,
     /// Largest payload of one Execute branch, in bytes.
@@ -89,6 +93,7 @@ impl Config {
             max_timeout: Duration::from_secs(300),
             prepare_timeout: Duration::from_secs(5),
             retention: Duration::from_secs(60),
+            drain_timeout: Duration::from_secs(10),
             max_branches: 64,
             max_payload_bytes: 64 * 1024,
         }
@@ -183,18 +188,85 @@ pub async fn run_with_admin(
         .map_err(|e| Error::Reflection(e.to_string()))?;
 
     readiness.set(true);
-    let shutdown = async {
-        shutdown.await;
-        readiness.set(false);
-    };
-    let result = tonic::transport::Server::builder()
+    let (stop_serving, serving_stopped) = tokio::sync::oneshot::channel::<()>();
+    let draining = service.draining();
+    let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(pb::coordinator_server::CoordinatorServer::new(service.clone()))
         .add_service(pb::admin_server::AdminServer::new(service))
-        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
-        .await;
+        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), async {
+            let _ = serving_stopped.await;
+        });
+    tokio::pin!(server);
+    // Serve until the shutdown signal (or a server error), then drain while
+    // still serving: report NOT_SERVING, refuse new transactions, let the
+    // ones already begun reach a decision, abort what is left at the drain
+    // deadline, and only then stop serving.
+    let early = tokio::select! {
+        r = &mut server => Some(r),
+        () = shutdown => None,
+    };
+    if let Some(r) = early {
+        handle.stop().await;
+        r?;
+        return Ok(());
+    }
+    readiness.set(false);
+    draining.store(true, std::sync::atomic::Ordering::SeqCst);
+    health_reporter.set_not_serving::<pb::coordinator_server::CoordinatorServer<CoordinatorService>>().await;
+    let drained = tokio::select! {
+        r = &mut server => Some(r),
+        () = drain(&handle, config.drain_timeout) => None,
+    };
+    let _ = stop_serving.send(());
+    let result = match drained {
+        Some(r) => r,
+        None => server.await,
+    };
     handle.stop().await;
     result?;
     Ok(())
+}
+
+/// Waits until no transaction is undecided (Active, Preparing, Deciding),
+/// up to `timeout`; then aborts those still active or preparing and waits a
+/// moment for decisions being written.
+async fn drain(handle: &driver::Handle, timeout: Duration) {
+    use crate::core::{Input, Reply, TxnState};
+    let deadline = tokio::time::Instant::now() + timeout;
+    let undecided = || async {
+        match handle.call(|req| Input::List { req, in_doubt_only: false, limit: usize::MAX }).await {
+            Ok(Reply::List(l)) => l
+                .transactions
+                .into_iter()
+                .filter(|t| matches!(t.state, TxnState::Active | TxnState::Preparing | TxnState::Deciding))
+                .map(|t| (t.txn, t.state))
+                .collect::<Vec<_>>(),
+            _ => Vec::new(),
+        }
+    };
+    loop {
+        let left = undecided().await;
+        if left.is_empty() {
+            tracing::info!("drained: every transaction is decided");
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(undecided = left.len(), "drain deadline reached; aborting what is not decided");
+            for (txn, state) in left {
+                if matches!(state, TxnState::Active | TxnState::Preparing) {
+                    let detail = "the coordinator is shutting down".to_owned();
+                    let _ = handle.call(|req| Input::Abort { req, txn, detail }).await;
+                }
+            }
+            // A decision being written finishes in about an fsync.
+            let settle = tokio::time::Instant::now() + Duration::from_secs(1);
+            while !undecided().await.is_empty() && tokio::time::Instant::now() < settle {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

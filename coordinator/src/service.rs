@@ -7,6 +7,7 @@
 //! `INVALID_ARGUMENT` and a stable reason, and change no state.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use tonic::{Code, Request, Response, Status};
@@ -68,12 +69,31 @@ pub struct CoordinatorService {
     registry: Registry,
     log: DecisionLog,
     limits: Limits,
+    /// Set when the daemon drains: new transactions are refused, the ones
+    /// already begun carry on.
+    draining: Arc<AtomicBool>,
 }
 
 impl CoordinatorService {
     /// A service over a running driver.
     pub fn new(handle: Handle, registry: Registry, log: DecisionLog, limits: Limits) -> Self {
-        CoordinatorService { handle, registry, log, limits }
+        CoordinatorService { handle, registry, log, limits, draining: Arc::default() }
+    }
+
+    /// The flag that makes the service refuse new transactions.
+    pub fn draining(&self) -> Arc<AtomicBool> {
+        self.draining.clone()
+    }
+
+    fn refuse_if_draining(&self) -> Result<(), Status> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(error(
+                Code::Unavailable,
+                reason::COORDINATOR_UNAVAILABLE,
+                "the coordinator is draining and takes no new transactions",
+            ));
+        }
+        Ok(())
     }
 
     async fn call(&self, make: impl FnOnce(u64) -> Input) -> Result<Reply, Status> {
@@ -164,6 +184,7 @@ fn outcome(reply: Reply) -> Result<(TxnId, ()), Status> {
 #[tonic::async_trait]
 impl pb::coordinator_server::Coordinator for CoordinatorService {
     async fn begin(&self, request: Request<pb::BeginRequest>) -> Result<Response<pb::BeginResponse>, Status> {
+        self.refuse_if_draining()?;
         let timeout_ms = request.get_ref().timeout_ms;
         match self.call(|req| Input::Begin { req, timeout_ms }).await? {
             Reply::Begun { txn, deadline } => {
@@ -211,6 +232,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     }
 
     async fn execute(&self, request: Request<pb::ExecuteRequest>) -> Result<Response<pb::ExecuteResponse>, Status> {
+        self.refuse_if_draining()?;
         let r = request.into_inner();
         if r.branches.is_empty() {
             return Err(error(Code::InvalidArgument, reason::BRANCHES_EMPTY, "execute needs at least one branch"));

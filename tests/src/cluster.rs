@@ -105,6 +105,22 @@ impl Node {
         Ok(())
     }
 
+    /// Sends SIGTERM without waiting (the process drains and exits).
+    pub async fn signal_term(&mut self) -> anyhow::Result<()> {
+        let pid = self.proc.as_ref().and_then(Proc::pid).context("not running")?;
+        let status = tokio::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await?;
+        anyhow::ensure!(status.success(), "kill -TERM {pid} failed");
+        Ok(())
+    }
+
+    /// The exit status once the process has exited, waiting up to `within`.
+    pub async fn exit_status(&mut self, within: Duration) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        match self.proc.as_mut() {
+            Some(p) => p.wait_exit(within).await,
+            None => Ok(None),
+        }
+    }
+
     /// Waits up to `within` for the process to exit on its own (a crash
     /// point). True if it did.
     pub async fn wait_exit(&mut self, within: Duration) -> anyhow::Result<bool> {
