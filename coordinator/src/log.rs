@@ -54,6 +54,24 @@ impl DecisionLog {
         Ok(DecisionLog { store: Arc::new(RocksStore::open(dir, COLUMN_FAMILIES)?) })
     }
 
+    /// Opens an existing log for inspection only (it may belong to a running
+    /// coordinator); writes fail.
+    pub fn open_read_only(dir: impl AsRef<Path>) -> Result<Self, LogError> {
+        Ok(DecisionLog { store: Arc::new(RocksStore::open_read_only(dir, COLUMN_FAMILIES)?) })
+    }
+
+    /// The epoch of the last coordinator run (0 for a new log).
+    pub fn epoch(&self) -> Result<u64, LogError> {
+        match self.store.get(CF_META, EPOCH_KEY)? {
+            None => Ok(0),
+            Some(v) => Ok(u64::from_be_bytes(
+                v.as_slice()
+                    .try_into()
+                    .map_err(|_| LogError::Corrupt { cf: CF_META, detail: format!("epoch has {} bytes, expected 8", v.len()) })?,
+            )),
+        }
+    }
+
     /// A log over any store with [`COLUMN_FAMILIES`] (tests use [`twopc_storage::MemStore`]).
     pub fn with_store(store: Arc<dyn LogStore>) -> Self {
         DecisionLog { store }

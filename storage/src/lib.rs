@@ -57,6 +57,9 @@ pub enum StorageError {
     /// The writer thread is gone (the store is shutting down).
     #[error("the log writer has stopped")]
     Closed,
+    /// The store was opened read-only (for inspection).
+    #[error("the store is open read-only")]
+    ReadOnly,
 }
 
 /// One operation of a batch.
@@ -212,6 +215,7 @@ struct RocksInner {
     tx: Mutex<Option<mpsc::Sender<WriteRequest>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     counters: Arc<Counters>,
+    read_only: bool,
 }
 
 impl Drop for RocksInner {
@@ -254,7 +258,31 @@ impl RocksStore {
                 .spawn(move || writer_loop(&db, &rx, &counters))
                 .map_err(|e| StorageError::Rocks(format!("spawn writer: {e}")))?
         };
-        Ok(RocksStore { inner: Arc::new(RocksInner { db, tx: Mutex::new(Some(tx)), writer: Mutex::new(Some(writer)), counters }) })
+        Ok(RocksStore {
+            inner: Arc::new(RocksInner { db, tx: Mutex::new(Some(tx)), writer: Mutex::new(Some(writer)), counters, read_only: false }),
+        })
+    }
+
+    /// Opens an existing store for reading only, without a writer and
+    /// without taking RocksDB's lock, so that a running process's data can
+    /// be inspected. Every write fails with [`StorageError::ReadOnly`].
+    pub fn open_read_only(path: impl AsRef<Path>, cfs: &[Cf]) -> Result<Self, StorageError> {
+        let path = path.as_ref();
+        if !path.join("CURRENT").exists() {
+            return Err(StorageError::Rocks(format!("{} holds no store", path.display())));
+        }
+        let opts = rocksdb::Options::default();
+        let db =
+            rocksdb::DB::open_cf_for_read_only(&opts, path, cfs.iter().copied(), false).map_err(|e| StorageError::Rocks(e.to_string()))?;
+        Ok(RocksStore {
+            inner: Arc::new(RocksInner {
+                db: Arc::new(db),
+                tx: Mutex::new(None),
+                writer: Mutex::new(None),
+                counters: Arc::default(),
+                read_only: true,
+            }),
+        })
     }
 }
 
@@ -313,6 +341,10 @@ fn handle<'a>(db: &'a rocksdb::DB, cf: &str) -> Result<&'a rocksdb::ColumnFamily
 impl LogStore for RocksStore {
     fn submit(&self, batch: Batch, durability: Durability) -> WriteTicket {
         let (done, ticket) = tokio::sync::oneshot::channel();
+        if self.inner.read_only {
+            let _ = done.send(Err(StorageError::ReadOnly));
+            return ticket;
+        }
         // A batch naming an unknown column family fails alone, before it can
         // join (and fail) a group with other callers' records.
         if let Some(bad) = batch.ops().iter().map(op_cf).find(|cf| self.inner.db.cf_handle(cf).is_none()) {

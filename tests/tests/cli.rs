@@ -124,4 +124,14 @@ async fn cli_execute_status_and_errors() {
     }
     let s = c.terminate(Duration::from_secs(10)).await.expect("coordinator stops on SIGTERM");
     assert!(s.success(), "coordinator exited with {s}");
+
+    // Forensics, offline: the decision log shows the committed transaction.
+    let dump = twopc(&url, &["log", "dump", "--data-dir", &dir.path().join("c").display().to_string()]).await;
+    assert_eq!(dump.code, 0, "{}", dump.stderr);
+    assert!(dump.stdout.contains(&txn) && dump.stdout.contains("COMMIT") && dump.stdout.contains("participant wallet"), "{}", dump.stdout);
+    let js = twopc(&url, &["--json", "log", "dump", "--data-dir", &dir.path().join("c").display().to_string()]).await;
+    assert!(js.stdout.contains(&format!("\"txn_id\":\"{txn}\"")), "{}", js.stdout);
+    let missing = twopc(&url, &["log", "dump", "--data-dir", &dir.path().join("nothing").display().to_string()]).await;
+    assert_eq!(missing.code, 1);
+    assert!(one_line(&missing.stderr) && missing.stderr.contains("holds no store"), "{}", missing.stderr);
 }

@@ -59,6 +59,11 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
+    /// Read a coordinator's data directory offline, for forensics.
+    Log {
+        #[command(subcommand)]
+        command: LogCommand,
+    },
     /// Begin a transaction and print its id.
     Begin {
         /// Transaction timeout.
@@ -77,6 +82,18 @@ enum Command {
         /// Recorded as the abort's detail.
         #[arg(long, default_value = "")]
         reason: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum LogCommand {
+    /// Print the decision log: epoch, garbage-collection horizon, the
+    /// participant registry and every decision record. Opens the data
+    /// directory read-only, so it may belong to a running coordinator.
+    Dump {
+        /// The coordinator's data directory.
+        #[arg(long, env = "TWOPC_DATA_DIR", default_value = "./data/coordinator")]
+        data_dir: std::path::PathBuf,
     },
 }
 
@@ -137,6 +154,10 @@ fn failure(s: tonic::Status, txn: Option<&str>) -> Failure {
 }
 
 async fn run(cli: Cli) -> Result<String, Failure> {
+    // Offline commands need no coordinator.
+    if let Command::Log { command: LogCommand::Dump { data_dir } } = &cli.command {
+        return dump(data_dir, cli.json);
+    }
     twopc_proto::validate_endpoint(&cli.coordinator).map_err(Failure::Error)?;
     let channel = tonic::transport::Endpoint::from_shared(cli.coordinator.clone())
         .map_err(|e| Failure::Error(format!("invalid coordinator address: {e}")))?
@@ -147,6 +168,7 @@ async fn run(cli: Cli) -> Result<String, Failure> {
     let mut c = CoordinatorClient::new(channel.clone());
     let json = cli.json;
     match cli.command {
+        Command::Log { command: LogCommand::Dump { data_dir } } => dump(&data_dir, json),
         Command::Execute { branches, timeout } => {
             let mut bs = Vec::new();
             for b in branches {
@@ -214,6 +236,59 @@ fn render_list(r: &pb::ListTransactionsResponse, json: bool) -> String {
         ));
     }
     out
+}
+
+fn dump(dir: &std::path::Path, json: bool) -> Result<String, Failure> {
+    let log = twopc_coordinator::log::DecisionLog::open_read_only(dir)
+        .map_err(|e| Failure::Error(format!("cannot open the decision log in {}: {e}", dir.display())))?;
+    let read = |e: twopc_coordinator::log::LogError| Failure::Error(format!("cannot read the decision log: {e}"));
+    let epoch = log.epoch().map_err(read)?;
+    let horizon = log.horizon().map_err(read)?;
+    let registry = log.registry().map_err(read)?;
+    let records = log.load().map_err(read)?;
+    if json {
+        let regs: Vec<String> =
+            registry.iter().map(|(n, e)| format!("{{\"name\":{},\"endpoint\":{}}}", json_str(n.as_str()), json_str(e))).collect();
+        let recs: Vec<String> = records
+            .iter()
+            .map(|(t, r)| {
+                let ps: Vec<String> = r.participants.iter().map(|p| json_str(&p.name)).collect();
+                format!(
+                    "{{\"txn_id\":\"{t}\",\"decision\":\"commit\",\"ended\":{},\"decided_unix_ms\":{},\"participants\":[{}]}}",
+                    r.ended,
+                    r.decided_unix_ms,
+                    ps.join(",")
+                )
+            })
+            .collect();
+        return Ok(format!(
+            "{{\"epoch\":{epoch},\"gc_horizon\":{},\"participants\":[{}],\"decisions\":[{}]}}",
+            horizon.map(|h| format!("\"{h}\"")).unwrap_or_else(|| "null".into()),
+            regs.join(","),
+            recs.join(",")
+        ));
+    }
+    let mut out = format!(
+        "decision log {}: epoch {epoch}, gc horizon {}, {} participants registered, {} decision records ({} not ended)",
+        dir.display(),
+        horizon.map(|h| h.to_string()).unwrap_or_else(|| "none".into()),
+        registry.len(),
+        records.len(),
+        records.iter().filter(|(_, r)| !r.ended).count()
+    );
+    for (n, e) in &registry {
+        out.push_str(&format!("\n  participant {n:<20} {e}"));
+    }
+    for (t, r) in &records {
+        let names: Vec<&str> = r.participants.iter().map(|p| p.name.as_str()).collect();
+        out.push_str(&format!(
+            "\n  {t:<22} COMMIT {:<9} decided_unix_ms={} participants={}",
+            if r.ended { "ended" } else { "DELIVERING" },
+            r.decided_unix_ms,
+            names.join(",")
+        ));
+    }
+    Ok(out)
 }
 
 fn state_name(state: i32) -> &'static str {
