@@ -74,9 +74,15 @@ pub struct Stopped;
 pub struct Handle {
     tx: mpsc::Sender<Msg>,
     next_req: Arc<AtomicU64>,
+    events: tokio::sync::broadcast::Sender<pb::TxnEvent>,
 }
 
 impl Handle {
+    /// Subscribes to transaction events (see `Admin.Watch`).
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<pb::TxnEvent> {
+        self.events.subscribe()
+    }
+
     /// Sends the input that `make` builds for a fresh request id and waits
     /// for the core's reply.
     pub async fn call(&self, make: impl FnOnce(ReqId) -> Input) -> Result<Reply, Stopped> {
@@ -98,8 +104,19 @@ impl Handle {
 /// Starts the driver for `core`, replaying `recovery` effects first.
 pub fn spawn(core: Core, recovery: Vec<Effect>, log: DecisionLog, config: DriverConfig) -> Handle {
     let (tx, rx) = mpsc::channel(16_384);
-    let handle = Handle { tx: tx.clone(), next_req: Arc::new(AtomicU64::new(1)) };
-    let driver = Driver { core, log, config, tx, pending: HashMap::new(), clients: HashMap::new(), timings: HashMap::new(), timers: Default::default() };
+    let (events, _) = tokio::sync::broadcast::channel(4096);
+    let handle = Handle { tx: tx.clone(), next_req: Arc::new(AtomicU64::new(1)), events: events.clone() };
+    let driver = Driver {
+        core,
+        log,
+        config,
+        tx,
+        pending: HashMap::new(),
+        clients: HashMap::new(),
+        timings: HashMap::new(),
+        timers: Default::default(),
+        events,
+    };
     tokio::spawn(driver.run(rx, recovery));
     handle
 }
@@ -116,6 +133,8 @@ struct Driver {
     timings: HashMap<TxnId, Timing>,
     /// Every timer the core set, with one sleep for the earliest.
     timers: twopc_storage::timers::TimerQueue<crate::core::Timer>,
+    /// Transaction events for `Admin.Watch` subscribers.
+    events: tokio::sync::broadcast::Sender<pb::TxnEvent>,
 }
 
 /// Where a transaction is, as [`Core::progress`] reports it: state, phase
@@ -234,9 +253,39 @@ impl Driver {
         }
     }
 
+    /// Publishes the events of one step to `Watch` subscribers. The core
+    /// reaches Committed only once the decision is durable, so a COMMITTED
+    /// event is never ahead of the log.
+    fn publish(&self, txn: TxnId, before: Option<Progress>, after: Option<Progress>) {
+        if self.events.receiver_count() == 0 {
+            return;
+        }
+        let Some((state, finished, abort)) = after else { return };
+        let at_unix_ms = UnixMillis::now().0;
+        let send = |kind: pb::TxnEventKind, abort_code: String| {
+            let _ = self.events.send(pb::TxnEvent { txn_id: txn.to_string(), kind: kind as i32, abort_code, at_unix_ms });
+        };
+        if before.is_none() {
+            // Begin, or Execute (which begins and starts committing at once).
+            send(pb::TxnEventKind::Begun, String::new());
+        }
+        let was = before.map(|(s, _, _)| s);
+        if was != Some(state) {
+            match state {
+                TxnState::Committed => send(pb::TxnEventKind::Committed, String::new()),
+                TxnState::Aborted => send(pb::TxnEventKind::Aborted, abort.map(|c| c.as_str().to_owned()).unwrap_or_default()),
+                _ => {}
+            }
+        }
+        if finished && !before.is_some_and(|(_, f, _)| f) {
+            send(pb::TxnEventKind::Finished, String::new());
+        }
+    }
+
     /// Records the metrics of one transaction's step from `before` to
     /// `after`: its outcome and the latency of each phase it finished.
     fn observe(&mut self, txn: TxnId, before: Option<Progress>, after: Option<Progress>) {
+        self.publish(txn, before, after);
         let Some((state, finished, abort)) = after else {
             // Forgotten (or never held): nothing more to time.
             self.timings.remove(&txn);

@@ -320,8 +320,32 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     }
 }
 
+/// The stream `Admin.Watch` answers with.
+pub type EventStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::TxnEvent, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl pb::admin_server::Admin for CoordinatorService {
+    type WatchStream = EventStream;
+
+    async fn watch(&self, _request: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        use futures::StreamExt;
+        let events = tokio_stream::wrappers::BroadcastStream::new(self.handle.subscribe());
+        // End the stream right after the first gap, with the error: a
+        // subscriber that missed events must not believe it saw them all.
+        let stream = events
+            .map(|e| {
+                e.map_err(|tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)| {
+                    error(Code::ResourceExhausted, reason::WATCH_LAGGED, format!("the subscriber fell {n} events behind; subscribe again"))
+                })
+            })
+            .scan(false, |ended, item| {
+                let out = if *ended { None } else { Some(item) };
+                *ended = out.as_ref().is_some_and(Result::is_err);
+                std::future::ready(out)
+            });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
     async fn get_log_stats(&self, _request: Request<pb::GetLogStatsRequest>) -> Result<Response<pb::LogStats>, Status> {
         let s = self.log.store().stats();
         Ok(Response::new(pb::LogStats { requests: s.requests, writes: s.writes, synced_writes: s.synced_writes }))

@@ -66,6 +66,8 @@ pub mod reason {
     pub const TIMEOUT_TOO_LONG: &str = "TIMEOUT_TOO_LONG";
     /// The transaction finished longer ago than the retention period.
     pub const TXN_FORGOTTEN: &str = "TXN_FORGOTTEN";
+    /// A `Watch` subscriber fell too far behind and missed events.
+    pub const WATCH_LAGGED: &str = "WATCH_LAGGED";
     /// The coordinator is shutting down or its log failed.
     pub const COORDINATOR_UNAVAILABLE: &str = "COORDINATOR_UNAVAILABLE";
     /// A participant was asked to commit a branch it never prepared or

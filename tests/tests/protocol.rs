@@ -260,3 +260,44 @@ async fn coordinator_reports_serving_to_health_checks() {
         health.check(tonic_health::pb::HealthCheckRequest { service: "twopc.v1.Coordinator".into() }).await.expect("health check answers");
     assert_eq!(r.get_ref().status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
 }
+
+/// Operations: `Admin.Watch` streams each transaction's events in order —
+/// begun, decided (a commit only once durable), finished — with the abort
+/// code of an abort.
+#[tokio::test]
+async fn watch_streams_transaction_events_in_order() {
+    let (c, ps) = cluster(&["wallet", "orders"]).await;
+    let channel = tonic::transport::Endpoint::from_shared(c.url()).expect("url").connect_lazy();
+    let mut events = tp::admin_client::AdminClient::new(channel).watch(tp::WatchRequest {}).await.expect("watch").into_inner();
+    let ok =
+        c.client().execute(exec_branches(&[("wallet", "put w 1"), ("orders", "put o 1")]), Duration::from_secs(5)).await.expect("execute");
+    let no = c
+        .client()
+        .execute(exec_branches(&[("wallet", "check w >= 5"), ("orders", "put o 2")]), Duration::from_secs(5))
+        .await
+        .expect("execute");
+    settled(&ps).await;
+    let mut seen: Vec<(String, i32, String)> = Vec::new();
+    let want_ok = [tp::TxnEventKind::Begun, tp::TxnEventKind::Committed, tp::TxnEventKind::Finished];
+    let done = |seen: &Vec<(String, i32, String)>| {
+        seen.iter().filter(|(t, _, _)| *t == ok.txn.to_string()).count() == 3
+            && seen.iter().any(|(t, k, _)| *t == no.txn.to_string() && *k == tp::TxnEventKind::Finished as i32)
+    };
+    while !done(&seen) {
+        let e = tokio::time::timeout(Duration::from_secs(10), events.message())
+            .await
+            .expect("events arrive")
+            .expect("stream stays open")
+            .expect("an event");
+        seen.push((e.txn_id, e.kind, e.abort_code));
+    }
+    let of = |txn: &str| -> Vec<i32> { seen.iter().filter(|(t, _, _)| t == txn).map(|(_, k, _)| *k).collect() };
+    assert_eq!(of(&ok.txn.to_string()), want_ok.map(|k| k as i32).to_vec(), "{seen:?}");
+    let aborted: Vec<&(String, i32, String)> = seen.iter().filter(|(t, _, _)| *t == no.txn.to_string()).collect();
+    assert_eq!(
+        aborted.iter().map(|(_, k, _)| *k).collect::<Vec<_>>(),
+        vec![tp::TxnEventKind::Begun as i32, tp::TxnEventKind::Aborted as i32, tp::TxnEventKind::Finished as i32],
+        "{seen:?}"
+    );
+    assert_eq!(aborted[1].2, "PARTICIPANT_VOTED_NO");
+}

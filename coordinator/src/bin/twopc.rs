@@ -59,6 +59,9 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
+    /// Print transaction events as they happen (begun, committed, aborted,
+    /// finished), one line each, until interrupted.
+    Watch,
     /// Read a coordinator's data directory offline, for forensics.
     Log {
         #[command(subcommand)]
@@ -169,6 +172,38 @@ async fn run(cli: Cli) -> Result<String, Failure> {
     let json = cli.json;
     match cli.command {
         Command::Log { command: LogCommand::Dump { data_dir } } => dump(&data_dir, json),
+        Command::Watch => {
+            let mut admin = twopc_proto::pb::admin_client::AdminClient::new(channel.clone());
+            let mut events = admin.watch(pb::WatchRequest {}).await.map_err(|s| failure(s, None))?.into_inner();
+            loop {
+                match events.message().await {
+                    Ok(Some(e)) => {
+                        let kind = match pb::TxnEventKind::try_from(e.kind) {
+                            Ok(pb::TxnEventKind::Begun) => "begun",
+                            Ok(pb::TxnEventKind::Committed) => "committed",
+                            Ok(pb::TxnEventKind::Aborted) => "aborted",
+                            Ok(pb::TxnEventKind::Finished) => "finished",
+                            _ => "unknown",
+                        };
+                        let line = if json {
+                            format!(
+                                "{{\"txn_id\":{},\"event\":\"{kind}\",\"abort_code\":{},\"at_unix_ms\":{}}}",
+                                json_str(&e.txn_id),
+                                json_str(&e.abort_code),
+                                e.at_unix_ms
+                            )
+                        } else if e.abort_code.is_empty() {
+                            format!("{} {} {kind}", e.at_unix_ms, e.txn_id)
+                        } else {
+                            format!("{} {} {kind} {}", e.at_unix_ms, e.txn_id, e.abort_code)
+                        };
+                        println!("{line}");
+                    }
+                    Ok(None) => return Ok("the coordinator ended the stream".into()),
+                    Err(s) => return Err(failure(s, None)),
+                }
+            }
+        }
         Command::Execute { branches, timeout } => {
             let mut bs = Vec::new();
             for b in branches {
