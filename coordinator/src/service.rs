@@ -201,14 +201,19 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let txn = parse_txn(&r.txn_id)?;
         let participant = parse_name(&r.participant)?;
         let endpoint = parse_endpoint(&r.endpoint)?;
-        if self.registry.differs(&participant, &endpoint) {
-            match self.log.register(&participant, &endpoint).await {
-                Ok(()) => self.registry.set(&participant, &endpoint),
-                Err(e) => tracing::warn!(%participant, error = %e, "could not persist the participant registry entry"),
-            }
-        }
+        let (name, at) = (participant.clone(), endpoint.clone());
         match self.call(|req| Input::Enlist { req, txn, participant, endpoint }).await? {
-            Reply::Enlisted { deadline } => Ok(Response::new(pb::EnlistResponse { deadline_unix_ms: deadline.0 })),
+            Reply::Enlisted { deadline } => {
+                // Only an accepted enlistment updates the registry: a refused
+                // one changes nothing.
+                if self.registry.differs(&name, &at) {
+                    match self.log.register(&name, &at).await {
+                        Ok(()) => self.registry.set(&name, &at),
+                        Err(e) => tracing::warn!(participant = %name, error = %e, "could not persist the participant registry entry"),
+                    }
+                }
+                Ok(Response::new(pb::EnlistResponse { deadline_unix_ms: deadline.0 }))
+            }
             Reply::Error(e) => Err(core_error(&e)),
             other => Err(unexpected(&other)),
         }

@@ -350,7 +350,17 @@ struct Branch {
 
 impl Branch {
     fn new(phase: Phase, deadline: UnixMillis, epoch: u64) -> Self {
-        Branch { phase, deadline, epoch, waiters: Vec::new(), abort_pending: false, prepared: false, queries: 0, apply_failures: 0, retry_pending: false }
+        Branch {
+            phase,
+            deadline,
+            epoch,
+            waiters: Vec::new(),
+            abort_pending: false,
+            prepared: false,
+            queries: 0,
+            apply_failures: 0,
+            retry_pending: false,
+        }
     }
 }
 
@@ -534,12 +544,13 @@ impl Core {
             Some(_) => false,
         };
         if fresh {
-            let refuse = if txn.epoch < self.max_epoch.max(epoch) {
-                Some(format!(
-                    "stale transaction: coordinator epoch {} is past the transaction's epoch {}",
-                    self.max_epoch.max(epoch),
-                    txn.epoch
-                ))
+            // Epochs are learned only from a Prepare of the coordinator run
+            // that issued the transaction (the only kind a coordinator
+            // sends): an unchecked epoch on any other request must not make
+            // this participant refuse the current run's transactions.
+            let learned = if epoch == txn.epoch { epoch } else { 0 };
+            let refuse = if txn.epoch < self.max_epoch {
+                Some(format!("stale transaction: coordinator epoch {} is past the transaction's epoch {}", self.max_epoch, txn.epoch))
             } else if deadline.0 != 0 && now >= deadline {
                 Some("the transaction's deadline has passed".to_owned())
             } else if payload.is_none() && !self.branches.contains_key(&txn) {
@@ -547,7 +558,7 @@ impl Core {
             } else {
                 None
             };
-            self.max_epoch = self.max_epoch.max(epoch);
+            self.max_epoch = self.max_epoch.max(learned);
             if let Some(why) = refuse {
                 out.push(reply(req, Reply::Voted(SentVote::No(why))));
                 if self.branches.contains_key(&txn) {
@@ -555,9 +566,9 @@ impl Core {
                 }
                 return;
             }
-            let b = self.branches.entry(txn).or_insert_with(|| Branch::new(Phase::Active, deadline, epoch));
+            let b = self.branches.entry(txn).or_insert_with(|| Branch::new(Phase::Active, deadline, txn.epoch));
             b.phase = Phase::Preparing;
-            b.epoch = epoch;
+            b.epoch = txn.epoch;
             if deadline.0 != 0 {
                 b.deadline = deadline;
             }
@@ -647,8 +658,7 @@ impl Core {
         out.push(Effect::SetTimer { at, timer: Timer::Query(txn) });
     }
 
-    fn commit(&mut self, out: &mut Vec<Effect>, now: UnixMillis, req: ReqId, txn: TxnId, epoch: u64) {
-        self.max_epoch = self.max_epoch.max(epoch);
+    fn commit(&mut self, out: &mut Vec<Effect>, now: UnixMillis, req: ReqId, txn: TxnId, _epoch: u64) {
         let Some(b) = self.branches.get_mut(&txn) else {
             // Committed and forgotten: a duplicate after retention.
             out.push(reply(req, Reply::Acked));
@@ -666,14 +676,13 @@ impl Core {
         }
     }
 
-    fn abort(&mut self, out: &mut Vec<Effect>, now: UnixMillis, req: ReqId, txn: TxnId, epoch: u64) {
-        self.max_epoch = self.max_epoch.max(epoch);
+    fn abort(&mut self, out: &mut Vec<Effect>, now: UnixMillis, req: ReqId, txn: TxnId, _epoch: u64) {
         let Some(b) = self.branches.get_mut(&txn) else {
             // Never seen: leave a tombstone so that a late Prepare is
             // refused (no empty rollback, no hanging), and acknowledge once
             // the tombstone is durable — the coordinator stops telling us
             // after the acknowledgement, so it must survive a crash.
-            let mut b = Branch::new(Phase::Aborting, UnixMillis(0), epoch);
+            let mut b = Branch::new(Phase::Aborting, UnixMillis(0), txn.epoch);
             b.waiters.push(req);
             out.push(Effect::Apply { txn, commit: false, record: Some(record(BranchState::Aborted, &b, now)), synced: true });
             self.branches.insert(txn, b);

@@ -914,22 +914,25 @@ fn first_prepare_of_an_older_epoch_is_refused() {
 }
 
 #[test]
-fn epochs_are_learned_from_phase_two_messages_too() {
+fn epochs_are_learned_only_from_prepares_of_their_own_run() {
     let old = TxnId { epoch: 3, seq: 1 };
+    // Commit, Abort, or a Prepare claiming another run's epoch, teach
+    // nothing: an unchecked epoch must not make the current run's
+    // transactions look stale.
     let mut h = H::new();
     let _ = h.commit(T0, TxnId { epoch: 5, seq: 77 });
-    let (r, fx) = h.prepare_with(at(1), old, 3, payload(), dl());
-    assert_eq!(fx, vec![no(r, &stale(5, 3))], "after a Commit of epoch 5");
+    let _ = h.abort(T0, TxnId { epoch: 5, seq: 78 });
+    let (r, fx) = h.prepare_with(at(1), TxnId { epoch: 3, seq: 9 }, 9, payload(), dl());
+    assert_eq!(fx, vec![Fx::ResourcePrepare(TxnId { epoch: 3, seq: 9 }, payload())], "claimed epoch 9 for a txn of epoch 3");
+    let _ = r;
+    let (_, fx) = h.prepare_with(at(2), old, 3, payload(), dl());
+    assert_eq!(fx, vec![Fx::ResourcePrepare(old, payload())], "still not stale");
 
+    // A Prepare of epoch 5's own run is learned: epoch 3 is then stale.
     let mut h = H::new();
-    let _ = h.abort(T0, TxnId { epoch: 5, seq: 77 });
-    let (r, fx) = h.prepare_with(at(1), old, 3, payload(), dl());
-    assert_eq!(fx, vec![no(r, &stale(5, 3))], "after an Abort of epoch 5");
-
-    // The sender's own epoch counts too.
-    let mut h = H::new();
-    let (r, fx) = h.prepare_with(at(1), old, 4, payload(), dl());
-    assert_eq!(fx, vec![no(r, &stale(4, 3))]);
+    let _ = h.prepare_with(at(1), TxnId { epoch: 5, seq: 1 }, 5, payload(), dl());
+    let (r, fx) = h.prepare_with(at(2), old, 3, payload(), dl());
+    assert_eq!(fx, vec![no(r, &stale(5, 3))]);
 }
 
 #[test]

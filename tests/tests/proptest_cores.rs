@@ -1816,7 +1816,9 @@ mod part {
                     let phase = self.core.phase(*txn);
                     let fresh = matches!(phase, None | Some(Phase::Active));
                     let tombstone = self.txns.get(txn).is_some_and(|t| t.tombstone);
-                    let seen = self.max_epoch.max(*epoch);
+                    // Only a Prepare of the issuing run teaches its epoch.
+                    let learned = if *epoch == txn.epoch { *epoch } else { 0 };
+                    let seen = self.max_epoch;
                     let must_refuse = if tombstone {
                         Some("an Abort left a tombstone (rule 6)".to_owned())
                     } else if fresh && txn.epoch < seen {
@@ -1829,18 +1831,16 @@ mod part {
                         None
                     };
                     if fresh {
-                        self.max_epoch = seen;
+                        self.max_epoch = seen.max(learned);
                     }
                     self.reqs.insert(*req, Req::Prepare { txn: *txn, must_refuse });
                     self.txn(*txn).prepare_sent = true;
                 }
-                Input::Commit { req, txn, epoch } => {
-                    self.max_epoch = self.max_epoch.max(*epoch);
+                Input::Commit { req, txn, .. } => {
                     self.reqs.insert(*req, Req::Commit { txn: *txn });
                     self.txn(*txn).told_commit = true;
                 }
-                Input::Abort { req, txn, epoch } => {
-                    self.max_epoch = self.max_epoch.max(*epoch);
+                Input::Abort { req, txn, .. } => {
                     self.reqs.insert(*req, Req::Abort { txn: *txn });
                     let unseen = self.core.phase(*txn).is_none();
                     let t = self.txn(*txn);
