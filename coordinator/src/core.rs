@@ -47,7 +47,8 @@ pub struct CoreConfig {
     /// participant's own QueryDecision (presumed abort) or deadline cleans up.
     pub abort_delivery_attempts: u32,
     /// How long a finished transaction's details stay in memory for Status
-    /// and retried Commits. Committed ids are remembered after that.
+    /// and retried Commits; then it is forgotten (its decision record
+    /// deleted and the garbage-collection horizon raised).
     pub retention_ms: u64,
     /// Seed of the retry jitter, so that runs replay.
     pub seed: u64,
@@ -123,6 +124,8 @@ pub enum Input {
         participant: ParticipantName,
         /// Where to reach it.
         endpoint: String,
+        /// The participant process's incarnation (0: unknown).
+        incarnation: u64,
     },
     /// The initiator asks to commit.
     Commit {
@@ -151,6 +154,13 @@ pub enum Input {
     },
     /// Someone asks what the core knows.
     Status {
+        /// Caller to answer.
+        req: ReqId,
+        /// The transaction.
+        txn: TxnId,
+    },
+    /// The coordinator is shutting down: abort `txn` if it is not decided.
+    Shutdown {
         /// Caller to answer.
         req: ReqId,
         /// The transaction.
@@ -407,7 +417,7 @@ pub struct TxnStatus {
     /// Milliseconds since it began (or was decided, if recovered); 0 when
     /// not held.
     pub age_ms: u64,
-    /// Answered from the presumed-abort rule or the compact committed set,
+    /// Answered from the presumed-abort rule or the horizon (forgotten),
     /// without details.
     pub presumed: bool,
 }
@@ -423,6 +433,9 @@ struct Branch {
     delivering: bool,
     /// A retry timer is set (the last attempt failed).
     retry_scheduled: bool,
+    /// The participant process that enlisted (0: unknown, or not enlisted
+    /// by Enlist).
+    incarnation: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -437,6 +450,9 @@ struct Txn {
     abort_reason: Option<AbortReason>,
     /// Phase two complete; the details are kept until the Forget timer.
     finished: bool,
+    /// Writing the decision failed with this error: the outcome is unknown
+    /// until a restart recovers it.
+    log_failed: Option<String>,
 }
 
 /// The coordinator's state machine. See the module docs.
@@ -507,6 +523,7 @@ impl Core {
                     retries: 0,
                     delivering: false,
                     retry_scheduled: false,
+                    incarnation: 0,
                 };
                 participants.insert(name, branch);
             }
@@ -519,6 +536,7 @@ impl Core {
                 waiters: Vec::new(),
                 abort_reason: None,
                 finished: record.ended,
+                log_failed: None,
             };
             self.txns.insert(txn, t);
             if record.ended {
@@ -543,9 +561,18 @@ impl Core {
                 }
                 Err(e) => out.push(reply(req, Reply::Error(e))),
             },
-            Input::Enlist { req, txn, participant, endpoint } => self.enlist(&mut out, now, req, txn, participant, endpoint),
+            Input::Enlist { req, txn, participant, endpoint, incarnation } => {
+                self.enlist(&mut out, now, req, txn, participant, endpoint, incarnation)
+            }
             Input::Commit { req, txn } => self.commit(&mut out, now, req, txn),
-            Input::Abort { req, txn, detail } => self.abort_request(&mut out, now, req, txn, detail),
+            Input::Abort { req, txn, detail } => {
+                let detail = if detail.is_empty() { "aborted by the initiator".to_owned() } else { detail };
+                self.abort_request(&mut out, now, req, txn, AbortReason::new(AbortCode::AbortedByClient, detail))
+            }
+            Input::Shutdown { req, txn } => {
+                let reason = AbortReason::new(AbortCode::CoordinatorShutdown, "not decided when the coordinator's drain ended");
+                self.abort_request(&mut out, now, req, txn, reason)
+            }
             Input::Execute { req, branches, timeout_ms } => {
                 let parts = branches
                     .into_iter()
@@ -558,6 +585,7 @@ impl Core {
                             retries: 0,
                             delivering: false,
                             retry_scheduled: false,
+                            incarnation: 0,
                         };
                         (b.participant, branch)
                     })
@@ -613,7 +641,9 @@ impl Core {
                 {
                     // The decision may or may not be on disk. Stay in
                     // Deciding (QueryDecision answers Pending) and tell the
-                    // callers the outcome is unknown; recovery settles it.
+                    // callers — and any later Commit — that the outcome is
+                    // unknown; recovery settles it.
+                    t.log_failed = Some(error.clone());
                     for w in std::mem::take(&mut t.waiters) {
                         out.push(reply(w, Reply::Error(CoreError::LogFailed(error.clone()))));
                     }
@@ -649,12 +679,31 @@ impl Core {
         let deadline = now.plus(timeout);
         self.txns.insert(
             txn,
-            Txn { state: TxnState::Active, deadline, created: now, participants, waiters: Vec::new(), abort_reason: None, finished: false },
+            Txn {
+                state: TxnState::Active,
+                deadline,
+                created: now,
+                participants,
+                waiters: Vec::new(),
+                abort_reason: None,
+                finished: false,
+                log_failed: None,
+            },
         );
         Ok((txn, deadline, Effect::SetTimer { at: deadline, timer: Timer::Deadline(txn) }))
     }
 
-    fn enlist(&mut self, out: &mut Vec<Effect>, now: UnixMillis, req: ReqId, txn: TxnId, participant: ParticipantName, endpoint: String) {
+    #[allow(clippy::too_many_arguments)]
+    fn enlist(
+        &mut self,
+        out: &mut Vec<Effect>,
+        now: UnixMillis,
+        req: ReqId,
+        txn: TxnId,
+        participant: ParticipantName,
+        endpoint: String,
+        incarnation: u64,
+    ) {
         let Some(t) = self.txns.get_mut(&txn) else {
             let e = if self.issued(txn) { CoreError::EnlistmentClosed { txn, state: "finished" } } else { CoreError::NotFound(txn) };
             out.push(reply(req, Reply::Error(e)));
@@ -667,9 +716,29 @@ impl Core {
             return;
         }
         let Some(t) = self.txns.get_mut(&txn) else { return };
+        if t.state == TxnState::Active
+            && let Some(b) = t.participants.get(&participant)
+            && b.incarnation != 0
+            && incarnation != 0
+            && b.incarnation != incarnation
+        {
+            // The participant restarted since it enlisted: the work it did
+            // for this transaction before the restart (unprepared, so only
+            // in its memory) is gone. Committing would apply only part of it.
+            let reason = AbortReason::at(
+                AbortCode::ParticipantRestarted,
+                &participant,
+                "the participant restarted after doing work for the transaction; that work is lost",
+            );
+            self.abort(out, now, txn, reason);
+            out.push(reply(req, Reply::Error(CoreError::EnlistmentClosed { txn, state: "aborted" })));
+            return;
+        }
+        let Some(t) = self.txns.get_mut(&txn) else { return };
         match t.state {
             TxnState::Active => {
                 let b = t.participants.entry(participant).or_insert_with(|| Branch {
+                    incarnation,
                     endpoint: endpoint.clone(),
                     payload: None,
                     vote: None,
@@ -680,6 +749,9 @@ impl Core {
                 });
                 // A participant that moved re-enlists with its new address.
                 b.endpoint = endpoint;
+                if b.incarnation == 0 {
+                    b.incarnation = incarnation;
+                }
                 out.push(reply(req, Reply::Enlisted { deadline: t.deadline }));
             }
             state => {
@@ -742,6 +814,10 @@ impl Core {
                 let at = now.plus(self.config.prepare_timeout_ms).min(t.deadline);
                 out.push(Effect::SetTimer { at, timer: Timer::PrepareTimeout(txn) });
             }
+            TxnState::Deciding if t.log_failed.is_some() => {
+                let error = t.log_failed.clone().unwrap_or_default();
+                out.push(reply(req, Reply::Error(CoreError::LogFailed(error))));
+            }
             TxnState::Preparing | TxnState::Deciding => t.waiters.push(req),
             TxnState::Committed => out.push(reply(req, Reply::Outcome { txn, outcome: Outcome::Committed })),
             TxnState::Aborted | TxnState::Forgotten => {
@@ -751,11 +827,10 @@ impl Core {
         }
     }
 
-    fn abort_request(&mut self, out: &mut Vec<Effect>, now: UnixMillis, req: ReqId, txn: TxnId, detail: String) {
+    fn abort_request(&mut self, out: &mut Vec<Effect>, now: UnixMillis, req: ReqId, txn: TxnId, reason: AbortReason) {
         let r = match self.txns.get(&txn).map(|t| t.state) {
             Some(TxnState::Active | TxnState::Preparing) => {
-                let detail = if detail.is_empty() { "aborted by the initiator".to_owned() } else { detail };
-                self.abort(out, now, txn, AbortReason::new(AbortCode::AbortedByClient, detail));
+                self.abort(out, now, txn, reason);
                 Reply::Aborted { txn }
             }
             // (Forgotten is only ever reported, never held.)

@@ -202,7 +202,7 @@ impl H {
 
     fn enlist(&mut self, now: UnixMillis, txn: TxnId, name: &str) -> (ReqId, Vec<Fx>) {
         let req = self.req();
-        let fx = self.step(now, Input::Enlist { req, txn, participant: p(name), endpoint: ep(name) });
+        let fx = self.step(now, Input::Enlist { req, txn, participant: p(name), endpoint: ep(name), incarnation: 0 });
         (req, fx)
     }
 
@@ -440,7 +440,7 @@ fn re_enlist_updates_the_endpoint() {
     let mut h = H::new();
     let (txn, deadline) = h.begin_at(T0, 0);
     h.enlist_ok(at(1), txn, "a", deadline);
-    let fx = h.step(at(2), Input::Enlist { req: 1, txn, participant: p("a"), endpoint: "http://moved.test:1".into() });
+    let fx = h.step(at(2), Input::Enlist { req: 1, txn, participant: p("a"), endpoint: "http://moved.test:1".into(), incarnation: 0 });
     assert_eq!(fx, vec![reply_fx(1, Reply::Enlisted { deadline })]);
     let (_, fx) = h.commit(at(3), txn);
     assert_eq!(
@@ -2528,7 +2528,7 @@ impl Explorer {
                 let txn = self.txn();
                 let name = self.name();
                 self.reqs.insert(req, ("enlist", txn, name.clone()));
-                self.apply(Input::Enlist { req, txn, participant: p(&name), endpoint: ep(&name) });
+                self.apply(Input::Enlist { req, txn, participant: p(&name), endpoint: ep(&name), incarnation: 0 });
             }
             22..=29 => {
                 let req = self.req();

@@ -7,7 +7,8 @@
 //! records go to the group-commit log and come back as `Durable` once synced;
 //! Prepare and phase-two messages go out on long-lived tonic channels (one per
 //! participant endpoint) from spawned tasks whose results come back as inputs;
-//! timers are spawned sleeps that send `Timer` inputs.
+//! timers wait in one queue, with a single sleep for the earliest
+//! (`twopc_storage::timers`), and come back as `Timer` inputs.
 //!
 //! Persist before send holds because the core only emits a Commit message
 //! after the `Durable` input, which this driver sends only after the log's
@@ -158,6 +159,7 @@ fn input_txn(input: &Input) -> Option<TxnId> {
         Input::Enlist { txn, .. }
         | Input::Commit { txn, .. }
         | Input::Abort { txn, .. }
+        | Input::Shutdown { txn, .. }
         | Input::Status { txn, .. }
         | Input::QueryDecision { txn, .. }
         | Input::Voted { txn, .. }

@@ -215,14 +215,24 @@ pub async fn run_with_admin(
     readiness.set(false);
     draining.store(true, std::sync::atomic::Ordering::SeqCst);
     health_reporter.set_not_serving::<pb::coordinator_server::CoordinatorServer<CoordinatorService>>().await;
+    // The overall status ("") too: probes that name no service ask for it.
+    health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
     let drained = tokio::select! {
         r = &mut server => Some(r),
         () = drain(&handle, config.drain_timeout) => None,
     };
     let _ = stop_serving.send(());
+    // Serving stops once open connections close; a client that keeps one
+    // open (a Watch subscriber, say) must not hold the exit forever.
     let result = match drained {
         Some(r) => r,
-        None => server.await,
+        None => match tokio::time::timeout(Duration::from_secs(5), server).await {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::warn!("connections still open 5 s after draining; closing them");
+                Ok(())
+            }
+        },
     };
     handle.stop().await;
     result?;
@@ -234,7 +244,8 @@ pub async fn run_with_admin(
 /// moment for decisions being written.
 async fn drain(handle: &driver::Handle, timeout: Duration) {
     use crate::core::{Input, Reply, TxnState};
-    let deadline = tokio::time::Instant::now() + timeout;
+    let now = tokio::time::Instant::now();
+    let deadline = now.checked_add(timeout).unwrap_or(now + Duration::from_secs(86_400 * 365));
     let undecided = || async {
         match handle.call(|req| Input::List { req, in_doubt_only: false, limit: usize::MAX }).await {
             Ok(Reply::List(l)) => l
@@ -256,8 +267,7 @@ async fn drain(handle: &driver::Handle, timeout: Duration) {
             tracing::warn!(undecided = left.len(), "drain deadline reached; aborting what is not decided");
             for (txn, state) in left {
                 if matches!(state, TxnState::Active | TxnState::Preparing) {
-                    let detail = "the coordinator is shutting down".to_owned();
-                    let _ = handle.call(|req| Input::Abort { req, txn, detail }).await;
+                    let _ = handle.call(|req| Input::Shutdown { req, txn }).await;
                 }
             }
             // A decision being written finishes in about an fsync.

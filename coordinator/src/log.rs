@@ -92,7 +92,8 @@ impl DecisionLog {
                     .map_err(|_| LogError::Corrupt { cf: CF_META, detail: format!("epoch has {} bytes, expected 8", v.len()) })?,
             ),
         };
-        let epoch = last + 1;
+        let epoch =
+            last.checked_add(1).ok_or(LogError::Corrupt { cf: CF_META, detail: "the epoch cannot be raised past u64::MAX".into() })?;
         let mut b = Batch::new();
         b.put(CF_META, EPOCH_KEY.to_vec(), epoch.to_be_bytes().to_vec());
         wait(self.store.submit(b, Durability::Synced)).await?;

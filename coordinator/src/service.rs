@@ -202,7 +202,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let participant = parse_name(&r.participant)?;
         let endpoint = parse_endpoint(&r.endpoint)?;
         let (name, at) = (participant.clone(), endpoint.clone());
-        match self.call(|req| Input::Enlist { req, txn, participant, endpoint }).await? {
+        let incarnation = r.incarnation;
+        match self.call(|req| Input::Enlist { req, txn, participant, endpoint, incarnation }).await? {
             Reply::Enlisted { deadline } => {
                 // Only an accepted enlistment updates the registry: a refused
                 // one changes nothing.

@@ -103,6 +103,8 @@ pub struct Parts {
     pub resource: Arc<dyn Resource>,
     /// Timeout of calls to the coordinator.
     pub rpc_timeout: Duration,
+    /// This process's incarnation, sent with Enlist (random at each start).
+    pub incarnation: u64,
 }
 
 /// Reads the branch log.
@@ -235,6 +237,7 @@ impl Driver {
                     txn_id: txn.to_string(),
                     participant: parts.name.as_str().to_owned(),
                     endpoint: parts.endpoint.clone(),
+                    incarnation: parts.incarnation,
                 });
                 req.set_timeout(parts.rpc_timeout);
                 let result = match c.enlist(req).await {

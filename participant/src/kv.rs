@@ -382,7 +382,8 @@ impl KvStore {
     /// instead of stalling every member for the full bound.
     async fn lock(&self, txn: TxnId, key: &[u8]) -> Result<(), KvError> {
         let start = tokio::time::Instant::now();
-        let mut give_up = start + self.inner.lock_wait;
+        let far = start + Duration::from_secs(86_400 * 365);
+        let mut give_up = start.checked_add(self.inner.lock_wait).unwrap_or(far);
         loop {
             let released = self.inner.released.notified();
             tokio::pin!(released);
@@ -397,7 +398,7 @@ impl KvStore {
                     Some(h) => {
                         let holder = *h;
                         if holder < txn {
-                            give_up = give_up.min(start + self.inner.lock_wait / 10);
+                            give_up = give_up.min(start.checked_add(self.inner.lock_wait / 10).unwrap_or(far));
                         }
                         if tokio::time::Instant::now() >= give_up {
                             return Err(KvError::LockConflict { key: show(key), holder });

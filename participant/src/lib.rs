@@ -169,11 +169,22 @@ impl ParticipantBuilder {
                 store: store.clone(),
                 resource,
                 rpc_timeout: self.rpc_timeout,
+                incarnation: incarnation(),
             },
         );
         let registration = tokio::spawn(register(client, name.clone(), endpoint));
         Ok(Participant { name, handle, store, registration: Arc::new(registration) })
     }
+}
+
+/// A number that differs between two starts of a participant process (the
+/// coordinator uses it to notice a restart that lost unprepared work).
+fn incarnation() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(UnixMillis::now().0);
+    h.write_u32(std::process::id());
+    h.finish().max(1)
 }
 
 async fn register(mut client: CoordinatorClient<Channel>, name: ParticipantName, endpoint: String) {

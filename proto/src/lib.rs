@@ -244,6 +244,12 @@ pub enum AbortCode {
     /// The coordinator holds no record: it never decided commit (presumed
     /// abort), for example because it restarted first.
     PresumedAbort,
+    /// A participant restarted after doing unprepared work for the
+    /// transaction, so that work is lost.
+    ParticipantRestarted,
+    /// The coordinator was shutting down and the transaction was not decided
+    /// by the end of its drain.
+    CoordinatorShutdown,
 }
 
 impl AbortCode {
@@ -256,6 +262,8 @@ impl AbortCode {
             AbortCode::DeadlineExceeded => "DEADLINE_EXCEEDED",
             AbortCode::AbortedByClient => "ABORTED_BY_CLIENT",
             AbortCode::PresumedAbort => "PRESUMED_ABORT",
+            AbortCode::ParticipantRestarted => "PARTICIPANT_RESTARTED",
+            AbortCode::CoordinatorShutdown => "COORDINATOR_SHUTDOWN",
         }
     }
 
@@ -268,6 +276,8 @@ impl AbortCode {
             AbortCode::DeadlineExceeded,
             AbortCode::AbortedByClient,
             AbortCode::PresumedAbort,
+            AbortCode::ParticipantRestarted,
+            AbortCode::CoordinatorShutdown,
         ]
         .into_iter()
         .find(|c| c.as_str() == s)
@@ -287,15 +297,31 @@ pub struct AbortReason {
 }
 
 impl AbortReason {
+    /// Longest detail kept: the reason travels in gRPC headers, which
+    /// clients limit (16 KiB by default).
+    pub const MAX_DETAIL: usize = 1024;
+
     /// A reason with no participant.
     pub fn new(code: AbortCode, detail: impl Into<String>) -> Self {
-        AbortReason { code, participant: None, detail: detail.into() }
+        AbortReason { code, participant: None, detail: bounded(detail.into()) }
     }
 
     /// A reason that concerns `participant`.
     pub fn at(code: AbortCode, participant: &ParticipantName, detail: impl Into<String>) -> Self {
-        AbortReason { code, participant: Some(participant.clone()), detail: detail.into() }
+        AbortReason { code, participant: Some(participant.clone()), detail: bounded(detail.into()) }
     }
+}
+
+fn bounded(mut detail: String) -> String {
+    if detail.len() > AbortReason::MAX_DETAIL {
+        let mut cut = AbortReason::MAX_DETAIL;
+        while !detail.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        detail.truncate(cut);
+        detail.push('…');
+    }
+    detail
 }
 
 impl fmt::Display for AbortReason {

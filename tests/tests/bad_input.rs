@@ -252,7 +252,7 @@ fn query_rq(id: &str, participant: &str) -> tp::QueryDecisionRequest {
 }
 
 fn enlist_rq(id: &str, participant: &str, endpoint: &str) -> tp::EnlistRequest {
-    tp::EnlistRequest { txn_id: id.into(), participant: participant.into(), endpoint: endpoint.into() }
+    tp::EnlistRequest { txn_id: id.into(), participant: participant.into(), endpoint: endpoint.into(), incarnation: 0 }
 }
 
 fn register_rq(participant: &str, endpoint: &str) -> tp::RegisterParticipantRequest {

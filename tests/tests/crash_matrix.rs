@@ -298,3 +298,38 @@ async fn in_doubt_participant_keeps_its_locks_across_a_restart_until_the_coordin
     println!("in doubt for {settled:?} after the coordinator came back");
     cluster.stop().await.expect("stop");
 }
+
+/// A participant that restarts after doing unprepared work for a
+/// transaction has lost that work; when the transaction calls it again, the
+/// coordinator sees a new incarnation enlist and aborts the transaction
+/// instead of committing only the part done after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_that_lost_unprepared_work_aborts_the_transaction() {
+    use twopc_examples::pb;
+    let mut cluster = ProcCluster::start(&NAMES, ClusterOptions::default()).await.expect("cluster");
+    let client = cluster.client().expect("client");
+    let seeded = client.execute([("bank-a", b"put balance/x 100".to_vec())], Duration::from_secs(5)).await.expect("seed");
+    assert_eq!(seeded.outcome, Outcome::Committed);
+    cluster.quiesce(Duration::from_secs(10)).await.expect("seeded");
+    let wallet = |addr: std::net::SocketAddr, txn: &twopc_participant::Transaction| {
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).expect("url").connect_lazy();
+        pb::wallet_client::WalletClient::with_interceptor(ch, txn.interceptor())
+    };
+    let txn = client.begin(Duration::from_secs(30)).await.expect("begin");
+    let addr = cluster.participants[0].addr;
+    wallet(addr, &txn).debit(pb::DebitRequest { account: "x".into(), amount: 10, order_id: "o1".into() }).await.expect("first debit");
+    // bank-a crashes and comes back: the first debit (unprepared) is gone.
+    let a = cluster.participant("bank-a").expect("bank-a");
+    a.kill().await.expect("kill");
+    a.start(None).await.expect("restart");
+    let second = wallet(addr, &txn).debit(pb::DebitRequest { account: "x".into(), amount: 5, order_id: "o2".into() }).await;
+    let refused = second.expect_err("the restarted participant cannot join again");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+    match txn.commit().await.expect("answers") {
+        Outcome::Aborted(r) => assert_eq!(r.code, twopc_participant::AbortCode::ParticipantRestarted, "{r:?}"),
+        other => panic!("the transaction must abort, got {other:?}"),
+    }
+    let (_, snaps) = cluster.quiesce(Duration::from_secs(30)).await.expect("settled");
+    assert_eq!(snaps[0].entries.get("balance/x").map(String::as_str), Some("100"), "nothing applied");
+    cluster.stop().await.expect("stop");
+}

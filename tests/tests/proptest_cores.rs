@@ -511,7 +511,7 @@ mod coord {
                     let req = self.req();
                     let participant = pname(p);
                     let endpoint = endpoint(participant.as_str());
-                    self.feed(Input::Enlist { req, txn, participant, endpoint })
+                    self.feed(Input::Enlist { req, txn, participant, endpoint, incarnation: 0 })
                 }
                 Op::Commit { k } => {
                     let txn = self.pick(k);
@@ -765,7 +765,7 @@ mod coord {
                         r.commit_requested = true;
                     }
                 }
-                Input::Abort { req, txn, .. } => {
+                Input::Abort { req, txn, .. } | Input::Shutdown { req, txn } => {
                     self.reqs.insert(*req, Req::Abort { txn: *txn });
                     if let Some(r) = self.run.get_mut(txn) {
                         r.abort_requested = true;

@@ -159,6 +159,7 @@ async fn late_enlistment_is_refused() {
             txn_id: txn.id().to_string(),
             participant: "wallet".into(),
             endpoint: format!("http://{}", ps[0].addr),
+            incarnation: 0,
         })
         .await
         .expect_err("refused");
