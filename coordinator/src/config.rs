@@ -242,6 +242,30 @@ impl DaemonConfig {
         }
     }
 
+    /// Checks the values against each other; the error is one line naming
+    /// the options concerned.
+    pub fn validate(&self) -> Result<(), String> {
+        let c = &self.coordinator;
+        let zero = std::time::Duration::ZERO;
+        if c.max_timeout == zero || c.default_timeout == zero || c.prepare_timeout == zero {
+            return Err("max_timeout, default_timeout and prepare_timeout must be above zero".into());
+        }
+        if c.default_timeout > c.max_timeout {
+            return Err(format!(
+                "default_timeout ({}) is above max_timeout ({})",
+                humantime::format_duration(c.default_timeout),
+                humantime::format_duration(c.max_timeout)
+            ));
+        }
+        if c.max_branches == 0 || c.max_payload_bytes == 0 {
+            return Err("max_branches and max_payload_bytes must be above zero".into());
+        }
+        if c.max_branches.saturating_mul(c.max_payload_bytes) > 256 << 20 {
+            return Err("max_branches x max_payload_bytes must stay within 256 MiB (the largest Execute accepted)".into());
+        }
+        Ok(())
+    }
+
     /// The effective configuration as a TOML document that, used as the
     /// `--config` file, reproduces it.
     pub fn to_toml(&self) -> String {

@@ -188,12 +188,16 @@ pub async fn run_with_admin(
         .map_err(|e| Error::Reflection(e.to_string()))?;
 
     readiness.set(true);
+    // The largest Execute the limits allow, with room for its framing:
+    // anything larger is refused by tonic before it is decoded.
+    let max_message =
+        config.max_branches.saturating_mul(config.max_payload_bytes.saturating_add(1024)).saturating_add(64 << 10).max(4 << 20);
     let (stop_serving, serving_stopped) = tokio::sync::oneshot::channel::<()>();
     let draining = service.draining();
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(pb::coordinator_server::CoordinatorServer::new(service.clone()))
+        .add_service(pb::coordinator_server::CoordinatorServer::new(service.clone()).max_decoding_message_size(max_message))
         .add_service(pb::admin_server::AdminServer::new(service))
         .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), async {
             let _ = serving_stopped.await;
@@ -277,6 +281,8 @@ async fn drain(handle: &driver::Handle, timeout: Duration) {
             }
             return;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        // Each poll lists every held transaction on the core's task: poll
+        // gently.
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

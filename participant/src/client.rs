@@ -69,7 +69,12 @@ impl TxnClient {
         let ep = Endpoint::from_shared(endpoint.to_owned())
             .map_err(|e| ClientError::Unavailable(e.to_string()))?
             .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true);
+            .tcp_nodelay(true)
+            // A silently dropped connection is noticed, so a Commit waiting
+            // on it ends as "outcome unknown" instead of hanging.
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true);
         Ok(Self::new(ep.connect_lazy()))
     }
 

@@ -303,6 +303,10 @@ fn parse_int(key: &[u8], v: Option<&[u8]>) -> Result<i64, KvError> {
 
 type WriteSet = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
 
+/// How long a closed transaction is remembered: past the longest
+/// transaction timeout, no handler can still be running for it.
+const CLOSED_FOR: Duration = Duration::from_secs(600);
+
 #[derive(Default)]
 struct State {
     /// Key → the transaction holding its lock.
@@ -313,6 +317,28 @@ struct State {
     staged: HashMap<TxnId, WriteSet>,
     /// Transactions that no longer take new work: preparing or finished.
     closed: HashMap<TxnId, Instant>,
+    /// The same, oldest first, to expire them in order.
+    closed_order: std::collections::VecDeque<(Instant, TxnId)>,
+}
+
+impl State {
+    /// Marks `txn` as taking no more work, and forgets transactions closed
+    /// longer than [`CLOSED_FOR`] ago (oldest first, so each close costs
+    /// amortised constant time).
+    fn close(&mut self, txn: TxnId) {
+        let now = Instant::now();
+        self.closed.insert(txn, now);
+        self.closed_order.push_back((now, txn));
+        while let Some((at, old)) = self.closed_order.front().copied() {
+            if now.duration_since(at) < CLOSED_FOR {
+                break;
+            }
+            self.closed_order.pop_front();
+            if self.closed.get(&old) == Some(&at) {
+                self.closed.remove(&old);
+            }
+        }
+    }
 }
 
 struct Inner {
@@ -442,15 +468,7 @@ impl KvStore {
         }
         st.staged.remove(&txn);
         if close {
-            st.closed.insert(txn, Instant::now());
-            // Bound the memory of closed ids: anything older than an hour
-            // is past every deadline.
-            if st.closed.len() > 100_000 {
-                let horizon = Instant::now().checked_sub(Duration::from_secs(3600));
-                if let Some(h) = horizon {
-                    st.closed.retain(|_, t| *t > h);
-                }
-            }
+            st.close(txn);
         }
         drop(st);
         self.inner.released.notify_waiters();
@@ -572,7 +590,7 @@ impl Resource for KvStore {
                 st.staged.entry(txn).or_default().insert(key, value);
             }
             for t in prepared {
-                st.closed.insert(*t, Instant::now());
+                st.close(*t);
             }
         }
         if !garbage.is_empty() {
@@ -592,7 +610,7 @@ impl Resource for KvStore {
             }
         }
         let mut st = self.state();
-        st.closed.insert(txn, Instant::now());
+        st.close(txn);
         let Some(writes) = st.staged.get(&txn).filter(|w| !w.is_empty()) else {
             return Ok(Vote::ReadOnly);
         };
@@ -622,7 +640,7 @@ impl Resource for KvStore {
 
     async fn abort(&self, txn: TxnId, batch: &mut Batch) -> Result<(), ResourceError> {
         let mut st = self.state();
-        st.closed.insert(txn, Instant::now());
+        st.close(txn);
         if let Some(writes) = st.staged.get(&txn) {
             for k in writes.keys() {
                 batch.delete(CF_STAGED, staged_key(txn, k));

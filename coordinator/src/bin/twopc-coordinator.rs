@@ -62,6 +62,9 @@ fn main() {
         None => None,
     };
     let config = DaemonConfig::resolve(cli.options, file);
+    if let Err(e) = config.validate() {
+        usage(&format!("invalid configuration: {e}"));
+    }
     if let Some(Command::Config { action: ConfigAction::Show }) = cli.command {
         let mut out = std::io::stdout();
         let _ = out.write_all(config.to_toml().as_bytes());
