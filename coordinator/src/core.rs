@@ -986,7 +986,7 @@ impl Core {
                 let shift = b.retries.min(20);
                 let cap = base.saturating_mul(1u64 << shift).min(max).max(1);
                 // Full jitter in [cap/2, cap].
-                let delay = cap / 2 + next_rand(&mut self.rng) % (cap / 2 + 1);
+                let delay = cap / 2 + twopc_proto::jitter(&mut self.rng) % (cap / 2 + 1);
                 out.push(Effect::SetTimer { at: now.plus(delay), timer: Timer::Retry(txn, participant) });
             }
         }
@@ -1127,14 +1127,4 @@ fn reply(req: ReqId, reply: Reply) -> Effect {
 
 fn presumed_reason() -> AbortReason {
     AbortReason::new(AbortCode::PresumedAbort, "the coordinator holds no commit decision for this transaction")
-}
-
-/// xorshift64*: deterministic jitter without a dependency.
-fn next_rand(state: &mut u64) -> u64 {
-    let mut x = *state;
-    x ^= x >> 12;
-    x ^= x << 25;
-    x ^= x >> 27;
-    *state = x;
-    x.wrapping_mul(0x2545_F491_4F6C_DD1D)
 }

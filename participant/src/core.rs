@@ -748,7 +748,7 @@ impl Core {
                 b.queries += 1;
                 let shift = b.queries.min(16);
                 let cap = self.config.query_base_ms.saturating_mul(1u64 << shift).min(self.config.query_max_ms).max(2);
-                let delay = cap / 2 + next_rand(&mut self.rng) % (cap / 2 + 1);
+                let delay = cap / 2 + twopc_proto::jitter(&mut self.rng) % (cap / 2 + 1);
                 out.push(Effect::SetTimer { at: now.plus(delay), timer: Timer::Query(txn) });
             }
         }
@@ -824,13 +824,4 @@ pub fn phase_name(p: Phase) -> &'static str {
         Phase::Aborting => "aborting",
         Phase::Aborted => "aborted",
     }
-}
-
-fn next_rand(state: &mut u64) -> u64 {
-    let mut x = *state;
-    x ^= x >> 12;
-    x ^= x << 25;
-    x ^= x >> 27;
-    *state = x;
-    x.wrapping_mul(0x2545_F491_4F6C_DD1D)
 }

@@ -468,6 +468,18 @@ pub mod status {
     }
 }
 
+/// The next value of a deterministic pseudo-random sequence (xorshift64*):
+/// the protocol cores' retry jitter, seeded, so that runs replay. `state`
+/// must not be 0.
+pub fn jitter(state: &mut u64) -> u64 {
+    let mut x = *state;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    *state = x;
+    x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
