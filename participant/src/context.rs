@@ -70,11 +70,54 @@ impl Interceptor for TxnInterceptor {
 #[derive(Clone)]
 pub struct TxnLayer {
     handle: Handle,
+    in_flight: InFlight,
 }
 
 impl TxnLayer {
-    pub(crate) fn new(handle: Handle) -> Self {
-        TxnLayer { handle }
+    pub(crate) fn new(handle: Handle, in_flight: InFlight) -> Self {
+        TxnLayer { handle, in_flight }
+    }
+}
+
+/// Business calls running right now, per transaction. A Prepare that
+/// arrives while one is still running votes NO: the call's work would be
+/// only partly staged (the initiator committed before every call returned).
+#[derive(Clone, Default)]
+pub struct InFlight {
+    calls: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<TxnId, usize>>>,
+}
+
+impl InFlight {
+    /// Number of calls under `txn` running now.
+    pub fn running(&self, txn: TxnId) -> usize {
+        self.calls.lock().map(|m| m.get(&txn).copied().unwrap_or(0)).unwrap_or(0)
+    }
+
+    fn enter(&self, txn: TxnId) -> CallGuard {
+        if let Ok(mut m) = self.calls.lock() {
+            *m.entry(txn).or_default() += 1;
+        }
+        CallGuard { in_flight: self.clone(), txn }
+    }
+}
+
+/// Counts one running call; uncounts it when dropped (also when the call is
+/// cancelled).
+struct CallGuard {
+    in_flight: InFlight,
+    txn: TxnId,
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.in_flight.calls.lock()
+            && let Some(n) = m.get_mut(&self.txn)
+        {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.txn);
+            }
+        }
     }
 }
 
@@ -82,7 +125,7 @@ impl<S> tower::Layer<S> for TxnLayer {
     type Service = TxnService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        TxnService { inner, handle: self.handle.clone() }
+        TxnService { inner, handle: self.handle.clone(), in_flight: self.in_flight.clone() }
     }
 }
 
@@ -91,6 +134,7 @@ impl<S> tower::Layer<S> for TxnLayer {
 pub struct TxnService<S> {
     inner: S,
     handle: Handle,
+    in_flight: InFlight,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -117,6 +161,7 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let handle = self.handle.clone();
+        let in_flight = self.in_flight.clone();
         Box::pin(async move {
             let txn = match raw.to_str().ok().map(str::parse::<TxnId>) {
                 Some(Ok(t)) => t,
@@ -130,6 +175,7 @@ where
             match handle.call(|r| Input::Join { req: r, txn }).await {
                 Ok(Reply::Joined { deadline }) => {
                     req.extensions_mut().insert(TxnScope { txn, deadline });
+                    let _running = in_flight.enter(txn);
                     inner.call(req).await
                 }
                 Ok(Reply::Error(e)) => Ok(core_error(&e).into_http()),

@@ -105,6 +105,8 @@ pub struct Parts {
     pub rpc_timeout: Duration,
     /// This process's incarnation, sent with Enlist (random at each start).
     pub incarnation: u64,
+    /// Business calls running now, per transaction (from the layer).
+    pub in_flight: crate::context::InFlight,
 }
 
 /// Reads the branch log.
@@ -250,7 +252,16 @@ impl Driver {
                 let tx = self.tx.clone();
                 tokio::spawn(async move {
                     let mut batch = Batch::new();
-                    let vote = parts.resource.prepare(txn, payload.as_deref(), &mut batch).await.map_err(|e| e.0);
+                    let running = parts.in_flight.running(txn);
+                    let vote = if running > 0 {
+                        // Preparing now would stage only part of that call's
+                        // work.
+                        Ok(twopc_proto::Vote::No(format!(
+                            "{running} call(s) under the transaction are still running here: commit only after every call has returned"
+                        )))
+                    } else {
+                        parts.resource.prepare(txn, payload.as_deref(), &mut batch).await.map_err(|e| e.0)
+                    };
                     let _ = tx.send(Msg::Voted { txn, vote, batch }).await;
                 });
             }

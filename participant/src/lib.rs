@@ -159,6 +159,7 @@ impl ParticipantBuilder {
             .tcp_nodelay(true)
             .connect_lazy();
         let client = CoordinatorClient::new(channel);
+        let in_flight = context::InFlight::default();
         let handle = driver::spawn(
             core,
             recovery,
@@ -170,10 +171,11 @@ impl ParticipantBuilder {
                 resource,
                 rpc_timeout: self.rpc_timeout,
                 incarnation: incarnation(),
+                in_flight: in_flight.clone(),
             },
         );
         let registration = tokio::spawn(register(client, name.clone(), endpoint));
-        Ok(Participant { name, handle, store, registration: Arc::new(registration) })
+        Ok(Participant { name, handle, store, in_flight, registration: Arc::new(registration) })
     }
 }
 
@@ -208,6 +210,7 @@ pub struct Participant {
     name: ParticipantName,
     handle: driver::Handle,
     store: Arc<dyn LogStore>,
+    in_flight: context::InFlight,
     registration: Arc<tokio::task::JoinHandle<()>>,
 }
 
@@ -238,7 +241,7 @@ impl Participant {
 
     /// The server layer that joins transactions carried in request metadata.
     pub fn layer(&self) -> TxnLayer {
-        TxnLayer::new(self.handle.clone())
+        TxnLayer::new(self.handle.clone(), self.in_flight.clone())
     }
 
     /// True once the coordinator acknowledged this participant's
@@ -264,6 +267,11 @@ impl Participant {
     /// here bypass locking and the protocol.
     pub fn store(&self) -> Arc<dyn LogStore> {
         self.store.clone()
+    }
+
+    /// Business calls under `txn` running in this service right now.
+    pub fn calls_running(&self, txn: TxnId) -> usize {
+        self.in_flight.running(txn)
     }
 
     /// Counters of the participant's log writer.

@@ -302,3 +302,43 @@ async fn watch_streams_transaction_events_in_order() {
     );
     assert_eq!(aborted[1].2, "PARTICIPANT_VOTED_NO");
 }
+
+/// Atomicity inside one participant: a Commit that arrives while a call
+/// under the same transaction is still running there must not commit that
+/// call's work half-done — the participant votes NO.
+#[tokio::test]
+async fn prepare_while_a_call_is_still_running_votes_no() {
+    let c = TestCoordinator::start(|_| {}).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = TestParticipant::start_in("wallet", &c.url(), dir, Duration::from_secs(30)).await;
+    let seeded = c.client().execute(exec_branches(&[("wallet", "put balance/x 100")]), Duration::from_secs(5)).await.expect("seed");
+    assert_eq!(seeded.outcome, Outcome::Committed);
+    settled(std::slice::from_ref(&p)).await;
+    // `holder` keeps balance/x locked, so `slow`'s debit waits inside the
+    // handler.
+    let holder = c.client().begin(Duration::from_secs(30)).await.expect("begin");
+    pb::wallet_client::WalletClient::with_interceptor(p.channel(), holder.interceptor())
+        .debit(pb::DebitRequest { account: "x".into(), amount: 1, order_id: "h".into() })
+        .await
+        .expect("holder debits");
+    let slow = c.client().begin(Duration::from_secs(30)).await.expect("begin");
+    let mut w = pb::wallet_client::WalletClient::with_interceptor(p.channel(), slow.interceptor());
+    let call = tokio::spawn(async move { w.debit(pb::DebitRequest { account: "x".into(), amount: 7, order_id: "s".into() }).await });
+    let (participant, id) = (p.participant.clone(), slow.id());
+    eventually("the slow call is running", Duration::from_secs(5), move || {
+        let participant = participant.clone();
+        async move { participant.calls_running(id) > 0 }
+    })
+    .await;
+    match slow.commit().await.expect("answers") {
+        Outcome::Aborted(r) => {
+            assert_eq!(r.code, AbortCode::ParticipantVotedNo, "{r:?}");
+            assert!(r.detail.contains("still running"), "{r:?}");
+        }
+        other => panic!("a commit racing a running call must not commit, got {other:?}"),
+    }
+    holder.abort("done").await.expect("abort holder");
+    let _ = call.await;
+    settled(std::slice::from_ref(&p)).await;
+    assert_eq!(p.get("balance/x").as_deref(), Some("100"), "neither transaction applied anything");
+}
