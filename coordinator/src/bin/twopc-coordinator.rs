@@ -99,6 +99,9 @@ fn main() {
 }
 
 async fn serve(config: twopc_coordinator::Config) -> Result<(), String> {
+    // Installed first, so that a signal during startup or recovery drains
+    // instead of killing the process.
+    let shutdown = shutdown_signal();
     let listener = tokio::net::TcpListener::bind(config.listen).await.map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let admin = tokio::net::TcpListener::bind(config.admin_listen)
@@ -110,29 +113,38 @@ async fn serve(config: twopc_coordinator::Config) -> Result<(), String> {
     let _ = writeln!(out, "listening on {addr}");
     let _ = writeln!(out, "admin listening on {admin_addr}");
     let _ = out.flush();
-    twopc_coordinator::run_with_admin(config, listener, Some(admin), shutdown_signal()).await.map_err(|e| e.to_string())?;
+    twopc_coordinator::run_with_admin(config, listener, Some(admin), shutdown).await.map_err(|e| e.to_string())?;
     tracing::info!("stopped");
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is
+/// called — before recovery — so a signal during a long recovery is not
+/// fatal: the daemon drains as soon as it serves.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send {
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
+        use tokio::signal::unix::{SignalKind, signal};
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        async move {
+            match (term, int) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
+                }
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
-        };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
         }
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 fn fail(msg: &str) -> ! {
