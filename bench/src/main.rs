@@ -178,21 +178,7 @@ struct Cluster {
 async fn start(args: &Args) -> anyhow::Result<Cluster> {
     let dir = tempfile::tempdir()?;
     let within = Duration::from_secs(60);
-    let coordinator = Proc::start(
-        "coordinator",
-        &binary("twopc-coordinator")?,
-        &[
-            "--listen".into(),
-            "127.0.0.1:0".into(),
-            "--admin-listen".into(),
-            "127.0.0.1:0".into(),
-            "--data-dir".into(),
-            dir.path().join("coordinator").display().to_string(),
-        ],
-        &dir.path().join("coordinator.log"),
-        within,
-    )
-    .await?;
+    let coordinator = Proc::coordinator(&dir.path().join("coordinator"), &dir.path().join("coordinator.log"), within).await?;
     let mut participants = Vec::new();
     let resource = match args.resource {
         ResourceKind::Kv => "kv",

@@ -110,6 +110,20 @@ impl Proc {
         .with_context(|| format!("{name} did not print {prefix:?} within {within:?}"))?
     }
 
+    /// Starts the `twopc-coordinator` binary on loopback port 0 (gRPC and
+    /// admin) with its data in `data_dir`, logging to `log_file`.
+    pub async fn coordinator(data_dir: &Path, log_file: &Path, within: Duration) -> anyhow::Result<Proc> {
+        let args: Vec<String> = vec![
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--admin-listen".into(),
+            "127.0.0.1:0".into(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+        ];
+        Proc::start("coordinator", &binary("twopc-coordinator")?, &args, log_file, within).await
+    }
+
     /// `http://ADDR`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)

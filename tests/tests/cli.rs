@@ -31,22 +31,7 @@ async fn twopc(coordinator: &str, args: &[&str]) -> Run {
 
 async fn start(dir: &Path) -> (Proc, Vec<Proc>) {
     let within = Duration::from_secs(60);
-    let c = Proc::start(
-        "coordinator",
-        &binary("twopc-coordinator").expect("built"),
-        &[
-            "--listen".into(),
-            "127.0.0.1:0".into(),
-            "--admin-listen".into(),
-            "127.0.0.1:0".into(),
-            "--data-dir".into(),
-            dir.join("c").display().to_string(),
-        ],
-        &dir.join("c.log"),
-        within,
-    )
-    .await
-    .expect("coordinator starts");
+    let c = Proc::coordinator(&dir.join("c"), &dir.join("c.log"), within).await.expect("coordinator starts");
     let mut ps = Vec::new();
     for role in ["wallet", "orders"] {
         let args: Vec<String> =

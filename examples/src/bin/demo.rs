@@ -112,21 +112,7 @@ struct Cluster {
 
 async fn start(dir: &std::path::Path) -> anyhow::Result<Cluster> {
     let within = Duration::from_secs(60);
-    let coordinator = Proc::start(
-        "coordinator",
-        &binary("twopc-coordinator")?,
-        &[
-            "--listen".into(),
-            "127.0.0.1:0".into(),
-            "--admin-listen".into(),
-            "127.0.0.1:0".into(),
-            "--data-dir".into(),
-            dir.join("coordinator").display().to_string(),
-        ],
-        &dir.join("coordinator.log"),
-        within,
-    )
-    .await?;
+    let coordinator = Proc::coordinator(&dir.join("coordinator"), &dir.join("coordinator.log"), within).await?;
     let shop = binary("shop-service")?;
     let mut services = Vec::new();
     for role in ["wallet", "orders", "inventory"] {
