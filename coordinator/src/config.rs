@@ -107,6 +107,13 @@ pub struct Options {
     #[arg(long, env = "TWOPC_LOG", value_name = "FILTER", global = true)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log: Option<String>,
+
+    /// OTLP gRPC collector to export trace spans to (for example
+    /// "http://127.0.0.1:4317"); also read from the standard
+    /// OTEL_EXPORTER_OTLP_ENDPOINT. Unset: spans are not exported.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL", global = true)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// A configuration file that cannot be used. Each renders as one line.
@@ -138,11 +145,13 @@ pub enum ConfigError {
 impl Options {
     /// Every option at its default value.
     pub fn defaults() -> Options {
-        Options::from_config(&Config::default(), LogFormat::Auto, "info")
+        Options::from_daemon(&DaemonConfig::resolve(Options::default(), None))
     }
 
-    /// Every option set, from concrete settings.
-    pub fn from_config(config: &Config, log_format: LogFormat, log: &str) -> Options {
+    /// Every option set (the OTLP endpoint when there is one), from concrete
+    /// settings.
+    pub fn from_daemon(daemon: &DaemonConfig) -> Options {
+        let config = &daemon.coordinator;
         Options {
             listen: Some(config.listen),
             admin_listen: Some(config.admin_listen),
@@ -154,8 +163,9 @@ impl Options {
             drain_timeout: Some(config.drain_timeout),
             max_branches: Some(config.max_branches),
             max_payload_bytes: Some(config.max_payload_bytes),
-            log_format: Some(log_format),
-            log: Some(log.to_owned()),
+            log_format: Some(daemon.log_format),
+            log: Some(daemon.log.clone()),
+            otlp_endpoint: daemon.otlp_endpoint.clone(),
         }
     }
 
@@ -175,6 +185,7 @@ impl Options {
             max_payload_bytes: self.max_payload_bytes.or(lower.max_payload_bytes),
             log_format: self.log_format.or(lower.log_format),
             log: self.log.or(lower.log),
+            otlp_endpoint: self.otlp_endpoint.or(lower.otlp_endpoint),
         }
     }
 
@@ -215,6 +226,8 @@ pub struct DaemonConfig {
     pub log_format: LogFormat,
     /// The log filter.
     pub log: String,
+    /// Where trace spans are exported (OTLP gRPC), if anywhere.
+    pub otlp_endpoint: Option<String>,
 }
 
 impl DaemonConfig {
@@ -239,6 +252,7 @@ impl DaemonConfig {
             },
             log_format: o.log_format.unwrap_or(LogFormat::Auto),
             log: o.log.unwrap_or_else(|| "info".to_owned()),
+            otlp_endpoint: o.otlp_endpoint.filter(|e| !e.trim().is_empty()),
         }
     }
 
@@ -263,13 +277,18 @@ impl DaemonConfig {
         if c.max_branches.saturating_mul(c.max_payload_bytes) > 256 << 20 {
             return Err("max_branches x max_payload_bytes must stay within 256 MiB (the largest Execute accepted)".into());
         }
+        if let Some(e) = &self.otlp_endpoint
+            && !(e.starts_with("http://") || e.starts_with("https://"))
+        {
+            return Err(format!("otlp_endpoint {e:?} must be an http:// or https:// URL"));
+        }
         Ok(())
     }
 
     /// The effective configuration as a TOML document that, used as the
     /// `--config` file, reproduces it.
     pub fn to_toml(&self) -> String {
-        Options::from_config(&self.coordinator, self.log_format, &self.log).to_toml()
+        Options::from_daemon(self).to_toml()
     }
 }
 
@@ -320,7 +339,7 @@ mod tests {
         assert_eq!(d.coordinator.max_timeout, Duration::from_secs(300));
         let shown = d.to_toml();
         let again = Options::from_toml(&shown, Path::new("shown.toml")).expect("config show output parses back");
-        assert_eq!(again, Options::from_config(&d.coordinator, d.log_format, &d.log));
+        assert_eq!(again, Options::from_daemon(&d));
     }
 
     #[test]

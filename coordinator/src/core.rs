@@ -174,6 +174,8 @@ pub enum Input {
         in_doubt_only: bool,
         /// Most transactions to return (oldest first).
         limit: usize,
+        /// What else a listed transaction must match.
+        filter: ListFilter,
     },
     /// A prepared participant asks for the outcome.
     QueryDecision {
@@ -214,6 +216,25 @@ pub enum Input {
     },
     /// A timer set by [`Effect::SetTimer`] fired.
     Timer(Timer),
+}
+
+/// Conditions a transaction must meet to be listed; the default lists all.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct ListFilter {
+    /// In one of these states (empty: any).
+    pub states: Vec<TxnState>,
+    /// At least this old, in milliseconds.
+    pub min_age_ms: u64,
+    /// With this participant enlisted.
+    pub participant: Option<ParticipantName>,
+}
+
+impl ListFilter {
+    fn matches(&self, now: UnixMillis, t: &Txn) -> bool {
+        (self.states.is_empty() || self.states.contains(&t.state))
+            && now.0.saturating_sub(t.created.0) >= self.min_age_ms
+            && self.participant.as_ref().is_none_or(|p| t.participants.contains_key(p))
+    }
 }
 
 /// A branch of an Execute call, resolved by the driver.
@@ -496,6 +517,12 @@ impl Core {
         self.txns.get(&txn).map(|t| (t.state, t.finished, t.abort_reason.as_ref().map(|r| r.code)))
     }
 
+    /// Why `txn` aborted, when it did and is held. Read-only, for the
+    /// driver's timelines.
+    pub fn abort_reason(&self, txn: TxnId) -> Option<&AbortReason> {
+        self.txns.get(&txn).and_then(|t| t.abort_reason.as_ref())
+    }
+
     /// How many transactions are in doubt (as [`Reply::List`] counts them)
     /// and the age of the oldest in milliseconds (0 when none). Read-only,
     /// for the driver's metrics.
@@ -602,14 +629,14 @@ impl Core {
                 let r = self.status(now, txn);
                 out.push(reply(req, r));
             }
-            Input::List { req, in_doubt_only, limit } => {
+            Input::List { req, in_doubt_only, limit, filter } => {
                 let doubtful: Vec<TxnId> = self.txns.iter().filter(|(_, t)| in_doubt(t)).map(|(id, _)| *id).collect();
                 let oldest_in_doubt_ms =
                     doubtful.iter().filter_map(|id| self.txns.get(id)).map(|t| now.0.saturating_sub(t.created.0)).max().unwrap_or(0);
                 let transactions = self
                     .txns
                     .iter()
-                    .filter(|(_, t)| !in_doubt_only || in_doubt(t))
+                    .filter(|(_, t)| (!in_doubt_only || in_doubt(t)) && filter.matches(now, t))
                     .take(limit)
                     .filter_map(|(id, _)| match self.status(now, *id) {
                         Reply::Status(s) => Some(s),

@@ -256,7 +256,7 @@ impl H {
 
     fn list(&mut self, now: UnixMillis, in_doubt_only: bool, limit: usize) -> TxnList {
         let req = self.req();
-        let fx = self.step(now, Input::List { req, in_doubt_only, limit });
+        let fx = self.step(now, Input::List { req, in_doubt_only, limit, filter: Default::default() });
         assert_eq!(fx.len(), 1, "List has only its reply: {fx:?}");
         match the_reply(&fx, req) {
             Reply::List(l) => l,
@@ -2269,7 +2269,7 @@ impl Explorer {
     fn list(&mut self, in_doubt_only: bool, limit: usize) {
         let req = self.req();
         self.lists.insert(req, (in_doubt_only, limit));
-        self.apply(Input::List { req, in_doubt_only, limit });
+        self.apply(Input::List { req, in_doubt_only, limit, filter: Default::default() });
     }
 
     fn observe(&mut self, effects: Vec<Effect>) {

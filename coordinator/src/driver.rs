@@ -28,13 +28,15 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::{Channel, Endpoint};
-use tracing::{debug, error, warn};
+use tracing::{Instrument, Span, debug, error, warn};
 use twopc_proto::pb::participant_client::ParticipantClient;
 use twopc_proto::{AbortCode, TxnId, UnixMillis, Vote, pb};
+use twopc_telemetry::propagation;
 
 use crate::core::{Core, Effect, Input, PhaseTwo, Reply, ReqId, Timer, TxnState};
 use crate::instruments;
 use crate::log::DecisionLog;
+use crate::timeline::{Event, Seen, Timelines, Track, vote_detail};
 
 /// Per-call limits of the driver's outgoing RPCs.
 #[derive(Debug, Clone)]
@@ -47,6 +49,9 @@ pub struct DriverConfig {
     pub decision_rpc_timeout: Duration,
     /// Connect timeout of participant channels.
     pub connect_timeout: Duration,
+    /// How many finished transactions keep their timeline for
+    /// `Admin.GetTransaction` (unfinished ones always keep theirs).
+    pub finished_timelines: usize,
 }
 
 impl Default for DriverConfig {
@@ -55,12 +60,24 @@ impl Default for DriverConfig {
             prepare_rpc_timeout: Duration::from_secs(5),
             decision_rpc_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(2),
+            finished_timelines: 10_000,
         }
     }
 }
 
 enum Msg {
-    Call { req: ReqId, input: Input, reply: oneshot::Sender<Reply> },
+    /// `span`: the caller's, parent of the span of a transaction the input
+    /// begins.
+    Call {
+        req: ReqId,
+        input: Input,
+        reply: oneshot::Sender<Reply>,
+        span: Span,
+    },
+    Timeline {
+        txn: TxnId,
+        reply: oneshot::Sender<Option<(Vec<Event>, bool)>>,
+    },
     Internal(Input),
     Stop(oneshot::Sender<()>),
 }
@@ -89,7 +106,15 @@ impl Handle {
     pub async fn call(&self, make: impl FnOnce(ReqId) -> Input) -> Result<Reply, Stopped> {
         let req = self.next_req.fetch_add(1, Ordering::Relaxed);
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Msg::Call { req, input: make(req), reply }).await.map_err(|_| Stopped)?;
+        self.tx.send(Msg::Call { req, input: make(req), reply, span: Span::current() }).await.map_err(|_| Stopped)?;
+        rx.await.map_err(|_| Stopped)
+    }
+
+    /// The timeline of `txn`, oldest event first, and whether it starts at
+    /// a recovery; `None` when none is held.
+    pub async fn timeline(&self, txn: TxnId) -> Result<Option<(Vec<Event>, bool)>, Stopped> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Msg::Timeline { txn, reply }).await.map_err(|_| Stopped)?;
         rx.await.map_err(|_| Stopped)
     }
 
@@ -110,11 +135,11 @@ pub fn spawn(core: Core, recovery: Vec<Effect>, log: DecisionLog, config: Driver
     let driver = Driver {
         core,
         log,
+        tracks: Timelines::new(config.finished_timelines),
         config,
         tx,
         pending: HashMap::new(),
         clients: HashMap::new(),
-        timings: HashMap::new(),
         timers: Default::default(),
         events,
     };
@@ -129,9 +154,10 @@ struct Driver {
     tx: mpsc::Sender<Msg>,
     pending: HashMap<ReqId, oneshot::Sender<Reply>>,
     clients: HashMap<String, ParticipantClient<Channel>>,
-    /// When each phase of a transaction of this run began, for the latency
-    /// histograms; dropped when its phase two finishes or it is forgotten.
-    timings: HashMap<TxnId, Timing>,
+    /// Each unfinished transaction's timeline, spans and phase clock
+    /// readings (for the latency histograms); and the recent finished
+    /// timelines.
+    tracks: Timelines,
     /// Every timer the core set, with one sleep for the earliest.
     timers: twopc_storage::timers::TimerQueue<crate::core::Timer>,
     /// Transaction events for `Admin.Watch` subscribers.
@@ -141,16 +167,6 @@ struct Driver {
 /// Where a transaction is, as [`Core::progress`] reports it: state, phase
 /// two finished, abort code.
 type Progress = (TxnState, bool, Option<AbortCode>);
-
-/// The driver's clock readings for one transaction.
-struct Timing {
-    /// Begin (or Execute) was stepped.
-    begun: Instant,
-    /// Commit closed enlistment and Prepares went out.
-    prepare: Option<Instant>,
-    /// The outcome was decided (COMMIT durable, or abort).
-    decided: Option<Instant>,
-}
 
 /// The transaction an input concerns, when it names one (Begin and Execute
 /// create theirs: see [`created`]).
@@ -173,6 +189,20 @@ fn input_txn(input: &Input) -> Option<TxnId> {
     }
 }
 
+/// The transaction an effect concerns, when it names one.
+fn effect_txn(effect: &Effect) -> Option<TxnId> {
+    match effect {
+        Effect::PersistDecision { txn, .. }
+        | Effect::ForgetDecision { txn, .. }
+        | Effect::SendPrepare { txn, .. }
+        | Effect::SendDecision { txn, .. } => Some(*txn),
+        Effect::SetTimer {
+            timer: Timer::Deadline(txn) | Timer::PrepareTimeout(txn) | Timer::Retry(txn, _) | Timer::Forget(txn), ..
+        } => Some(*txn),
+        Effect::Reply { .. } => None,
+    }
+}
+
 /// The transaction a step created: every Begin and Execute sets its deadline
 /// timer in the step that creates it, and nothing else sets one.
 fn created(effects: &[Effect]) -> Option<TxnId> {
@@ -189,6 +219,13 @@ fn seconds(since: Instant, now: Instant) -> f64 {
 impl Driver {
     async fn run(mut self, mut rx: mpsc::Receiver<Msg>, recovery: Vec<Effect>) {
         for e in recovery {
+            // Transactions that resume phase two get a timeline from here;
+            // the ones only held for Status need none.
+            if let Some(txn) = effect_txn(&e)
+                && !matches!(e, Effect::SetTimer { timer: Timer::Forget(_), .. } | Effect::ForgetDecision { .. })
+            {
+                self.tracks.live.entry(txn).or_insert_with(|| Track::recovered(txn));
+            }
             self.perform(e);
             twopc_storage::crash_point!("coordinator::during_recovery");
         }
@@ -207,7 +244,7 @@ impl Driver {
                 }
                 _ = twopc_storage::timers::sleep_until(next_timer) => {
                     for timer in self.timers.pop_due() {
-                        self.handle(Input::Timer(timer));
+                        self.handle(Input::Timer(timer), &Span::none());
                     }
                     continue;
                 }
@@ -216,10 +253,14 @@ impl Driver {
                     None => return,
                 },
             };
-            let input = match msg {
-                Msg::Call { req, input, reply } => {
+            let (input, span) = match msg {
+                Msg::Call { req, input, reply, span } => {
                     self.pending.insert(req, reply);
-                    input
+                    (input, span)
+                }
+                Msg::Timeline { txn, reply } => {
+                    let _ = reply.send(self.tracks.get(txn));
+                    continue;
                 }
                 Msg::Internal(input) => {
                     match &input {
@@ -228,7 +269,7 @@ impl Driver {
                         Input::Delivered { result: Ok(()), .. } => twopc_storage::crash_point!("coordinator::after_phase_two_ack"),
                         _ => {}
                     }
-                    input
+                    (input, Span::none())
                 }
                 Msg::Stop(done) => {
                     drop(self);
@@ -236,19 +277,20 @@ impl Driver {
                     return;
                 }
             };
-            self.handle(input);
+            self.handle(input, &span);
         }
     }
 
-    /// Steps the core with one input, records its metrics and performs its
-    /// effects.
-    fn handle(&mut self, input: Input) {
+    /// Steps the core with one input, records its metrics, timeline and
+    /// spans, and performs its effects. `parent`: the caller's span.
+    fn handle(&mut self, input: Input, parent: &Span) {
         let txn = input_txn(&input);
+        let seen = Seen::of(&input);
         let before = txn.and_then(|t| self.core.progress(t));
         let effects = self.core.step(UnixMillis::now(), input);
         if let Some(txn) = txn.or_else(|| created(&effects)) {
             let after = self.core.progress(txn);
-            self.observe(txn, before, after);
+            self.observe(txn, &seen, &effects, before, after, parent);
         }
         for e in effects {
             self.perform(e);
@@ -284,34 +326,74 @@ impl Driver {
         }
     }
 
-    /// Records the metrics of one transaction's step from `before` to
-    /// `after`: its outcome and the latency of each phase it finished.
-    fn observe(&mut self, txn: TxnId, before: Option<Progress>, after: Option<Progress>) {
+    /// Records one transaction's step from `before` to `after`: its
+    /// outcome and the latency of each phase it finished (metrics), what
+    /// happened (timeline) and the phase it entered or left (spans).
+    fn observe(&mut self, txn: TxnId, seen: &Seen, effects: &[Effect], before: Option<Progress>, after: Option<Progress>, parent: &Span) {
+        use pb::TimelineEventKind as K;
         self.publish(txn, before, after);
         let Some((state, finished, abort)) = after else {
-            // Forgotten (or never held): nothing more to time.
-            self.timings.remove(&txn);
+            // Forgotten (or never held).
+            self.tracks.finish(txn);
             return;
         };
         let now = Instant::now();
         let was = before.map(|(s, _, _)| s);
         if before.is_none() {
-            self.timings.insert(txn, Timing { begun: now, prepare: None, decided: None });
+            let mut track = Track::begun(txn, parent);
+            match seen {
+                Seen::Begin { timeout_ms: 0 } => track.push(K::Begun, None, "default timeout"),
+                Seen::Begin { timeout_ms } => track.push(K::Begun, None, format!("timeout {timeout_ms} ms")),
+                Seen::Execute { branches } => {
+                    let names: Vec<&str> = branches.iter().map(|p| p.as_str()).collect();
+                    track.push(K::Begun, None, format!("execute on {}", names.join(", ")));
+                }
+                _ => track.push(K::Begun, None, ""),
+            }
+            self.tracks.live.insert(txn, track);
         }
-        // Transactions recovered from the log have no timing: they are
-        // counted and timed by the run that began them.
-        let mut timing = self.timings.get_mut(&txn);
-        if state == TxnState::Preparing
-            && was != Some(TxnState::Preparing)
-            && let Some(t) = timing.as_deref_mut()
-        {
-            t.prepare = Some(now);
+        // Transactions recovered from the log and only held for Status have
+        // no track.
+        let Some(track) = self.tracks.live.get_mut(&txn) else { return };
+        if before.is_some() {
+            match seen {
+                Seen::Enlist { participant, endpoint } => {
+                    let refused = effects.iter().find_map(|e| match e {
+                        Effect::Reply { reply: Reply::Error(e), .. } => Some(e.to_string()),
+                        _ => None,
+                    });
+                    match refused {
+                        Some(why) => track.push(K::EnlistRefused, Some(participant), why),
+                        None => track.push(K::Enlisted, Some(participant), endpoint.clone()),
+                    }
+                }
+                Seen::Commit => track.push(K::CommitRequested, None, ""),
+                Seen::Abort { detail } => track.push(K::AbortRequested, None, detail.clone()),
+                Seen::Voted { participant, vote: Ok(v) } => track.push(K::Voted, Some(participant), vote_detail(v)),
+                Seen::Voted { participant, vote: Err(e) } => track.push(K::PrepareFailed, Some(participant), e.clone()),
+                Seen::Delivered { participant, result: Ok(()) } => track.push(K::Acknowledged, Some(participant), ""),
+                Seen::Delivered { participant, result: Err(e) } => track.push(K::DeliveryFailed, Some(participant), e.clone()),
+                Seen::Durable => track.write = Span::none(),
+                Seen::PersistFailed { error } => {
+                    track.write = Span::none();
+                    track.push(K::DecisionWriteFailed, None, error.clone());
+                }
+                Seen::Deadline if was != Some(state) => track.push(K::DeadlineExpired, None, ""),
+                Seen::PrepareTimeout if was != Some(state) => track.push(K::PrepareTimedOut, None, ""),
+                _ => {}
+            }
         }
-        if was == Some(TxnState::Preparing)
-            && state != TxnState::Preparing
-            && let Some(p) = timing.as_ref().and_then(|t| t.prepare)
-        {
-            metrics::histogram!(instruments::PREPARE_SECONDS).record(seconds(p, now));
+        if state == TxnState::Preparing && was != Some(TxnState::Preparing) {
+            if let Some(t) = track.timing.as_mut() {
+                t.prepare = Some(now);
+            }
+            track.phase = tracing::debug_span!(parent: &track.span, "prepare", txn_id = %txn);
+        }
+        if was == Some(TxnState::Preparing) && state != TxnState::Preparing {
+            if let Some(p) = track.timing.as_ref().and_then(|t| t.prepare) {
+                metrics::histogram!(instruments::PREPARE_SECONDS).record(seconds(p, now));
+            }
+            track.phase = Span::none();
         }
         let decided_now = matches!(state, TxnState::Committed | TxnState::Aborted)
             && !matches!(was, Some(TxnState::Committed | TxnState::Aborted | TxnState::Forgotten));
@@ -323,19 +405,31 @@ impl Driver {
                 }
                 _ => metrics::counter!(instruments::TRANSACTIONS, "outcome" => outcome).increment(1),
             }
-            if let Some(t) = timing.as_deref_mut() {
+            if let Some(t) = track.timing.as_mut() {
                 t.decided = Some(now);
                 metrics::histogram!(instruments::TRANSACTION_SECONDS, "outcome" => outcome).record(seconds(t.begun, now));
+            }
+            if state == TxnState::Committed {
+                track.push(K::Committed, None, "decision durable");
+            } else {
+                let why = self.core.abort_reason(txn).map(|r| r.to_string()).unwrap_or_default();
+                track.push(K::Aborted, None, why);
+            }
+            track.span.record("outcome", outcome);
+            if !finished {
+                let decision = if state == TxnState::Committed { "commit" } else { "abort" };
+                track.phase = tracing::debug_span!(parent: &track.span, "phase_two", txn_id = %txn, decision);
             }
         }
         if finished && !before.is_some_and(|(_, f, _)| f) {
             // Phase two took time only if the decision came in an earlier
             // step (a transaction with nobody to tell finishes at once).
-            if !decided_now && let Some(d) = timing.as_ref().and_then(|t| t.decided) {
+            if !decided_now && let Some(d) = track.timing.as_ref().and_then(|t| t.decided) {
                 let decision = if state == TxnState::Committed { "commit" } else { "abort" };
                 metrics::histogram!(instruments::PHASE_TWO_SECONDS, "decision" => decision).record(seconds(d, now));
             }
-            self.timings.remove(&txn);
+            track.push(K::Finished, None, "");
+            self.tracks.finish(txn);
         }
     }
 
@@ -379,6 +473,10 @@ impl Driver {
             Effect::PersistDecision { txn, record, synced } => {
                 if synced {
                     twopc_storage::crash_point!("coordinator::before_decision_write");
+                    if let Some(t) = self.tracks.live.get_mut(&txn) {
+                        t.push(pb::TimelineEventKind::DecisionWriteStarted, None, "");
+                        t.write = tracing::debug_span!(parent: &t.span, "decision_write", txn_id = %txn);
+                    }
                     let ticket = self.log.persist(txn, &record, true);
                     let started = Instant::now();
                     self.internal(async move {
@@ -415,46 +513,73 @@ impl Driver {
                 let client = self.client(&endpoint);
                 let epoch = self.core.epoch();
                 let timeout = self.config.prepare_rpc_timeout;
-                self.internal(async move {
-                    let vote = match client {
-                        Err(e) => Err(e),
-                        Ok(mut c) => {
-                            let mut req = tonic::Request::new(pb::PrepareRequest {
-                                txn_id: txn.to_string(),
-                                coordinator_epoch: epoch,
-                                payload,
-                                deadline_unix_ms: deadline.0,
-                            });
-                            req.set_timeout(timeout);
-                            match c.prepare(req).await {
-                                Ok(r) => Vote::try_from(r.get_ref()),
-                                Err(s) => Err(format!("prepare failed: {}: {}", code_name(s.code()), s.message())),
+                let span = match self.tracks.live.get_mut(&txn) {
+                    Some(t) => {
+                        t.push(pb::TimelineEventKind::PrepareSent, Some(&participant), "");
+                        tracing::debug_span!(parent: t.call_parent(), "prepare_call", txn_id = %txn, participant = %participant, %endpoint)
+                    }
+                    None => Span::none(),
+                };
+                let call_span = span.clone();
+                self.internal(
+                    async move {
+                        let vote = match client {
+                            Err(e) => Err(e),
+                            Ok(mut c) => {
+                                let mut req = tonic::Request::new(pb::PrepareRequest {
+                                    txn_id: txn.to_string(),
+                                    coordinator_epoch: epoch,
+                                    payload,
+                                    deadline_unix_ms: deadline.0,
+                                });
+                                req.set_timeout(timeout);
+                                propagation::inject(&call_span, req.metadata_mut());
+                                match c.prepare(req).await {
+                                    Ok(r) => Vote::try_from(r.get_ref()),
+                                    Err(s) => Err(format!("prepare failed: {}: {}", code_name(s.code()), s.message())),
+                                }
                             }
-                        }
-                    };
-                    debug!(%txn, %participant, ?vote, "vote");
-                    Input::Voted { txn, participant, vote }
-                });
+                        };
+                        debug!(%txn, %participant, ?vote, "vote");
+                        Input::Voted { txn, participant, vote }
+                    }
+                    .instrument(span),
+                );
             }
             Effect::SendDecision { txn, participant, endpoint, decision } => {
                 let client = self.client(&endpoint);
                 let epoch = self.core.epoch();
                 let timeout = self.config.decision_rpc_timeout;
-                self.internal(async move {
-                    let result = match client {
-                        Err(e) => Err(e),
-                        Ok(c) => send_decision(c, txn, epoch, decision, timeout).await,
-                    };
-                    if let Err(e) = &result {
-                        warn!(%txn, %participant, error = %e, "phase-two delivery failed; will retry");
-                        let decision = match decision {
-                            PhaseTwo::Commit(_) => "commit",
-                            PhaseTwo::Abort => "abort",
-                        };
-                        metrics::counter!(instruments::PHASE_TWO_RETRIES, "decision" => decision).increment(1);
+                let span = match self.tracks.live.get_mut(&txn) {
+                    Some(t) => {
+                        let kind = pb::TimelineEventKind::DecisionSent;
+                        let attempt =
+                            1 + t.events.iter().filter(|e| e.kind == kind && e.participant.as_ref() == Some(&participant)).count();
+                        let what = if matches!(decision, PhaseTwo::Commit(_)) { "COMMIT" } else { "ABORT" };
+                        t.push(kind, Some(&participant), format!("{what}, attempt {attempt}"));
+                        tracing::debug_span!(parent: t.call_parent(), "decision_call", txn_id = %txn, participant = %participant, decision = what, attempt)
                     }
-                    Input::Delivered { txn, participant, result }
-                });
+                    None => Span::none(),
+                };
+                let call_span = span.clone();
+                self.internal(
+                    async move {
+                        let result = match client {
+                            Err(e) => Err(e),
+                            Ok(c) => send_decision(c, txn, epoch, decision, timeout, &call_span).await,
+                        };
+                        if let Err(e) = &result {
+                            warn!(%txn, %participant, error = %e, "phase-two delivery failed; will retry");
+                            let decision = match decision {
+                                PhaseTwo::Commit(_) => "commit",
+                                PhaseTwo::Abort => "abort",
+                            };
+                            metrics::counter!(instruments::PHASE_TWO_RETRIES, "decision" => decision).increment(1);
+                        }
+                        Input::Delivered { txn, participant, result }
+                    }
+                    .instrument(span),
+                );
             }
             Effect::SetTimer { at, timer } => self.timers.set(at.0, timer),
         }
@@ -467,16 +592,19 @@ async fn send_decision(
     epoch: u64,
     decision: PhaseTwo,
     timeout: Duration,
+    span: &Span,
 ) -> Result<(), String> {
     let r = match decision {
         PhaseTwo::Commit(_) => {
             let mut req = tonic::Request::new(pb::CommitBranchRequest { txn_id: txn.to_string(), coordinator_epoch: epoch });
             req.set_timeout(timeout);
+            propagation::inject(span, req.metadata_mut());
             c.commit(req).await.map(|_| ())
         }
         PhaseTwo::Abort => {
             let mut req = tonic::Request::new(pb::AbortBranchRequest { txn_id: txn.to_string(), coordinator_epoch: epoch });
             req.set_timeout(timeout);
+            propagation::inject(span, req.metadata_mut());
             c.abort(req).await.map(|_| ())
         }
     };

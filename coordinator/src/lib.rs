@@ -23,6 +23,7 @@ pub mod driver;
 pub mod instruments;
 pub mod log;
 pub mod service;
+pub mod timeline;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -195,6 +196,13 @@ pub async fn run_with_admin(
     let (stop_serving, serving_stopped) = tokio::sync::oneshot::channel::<()>();
     let draining = service.draining();
     let server = tonic::transport::Server::builder()
+        // One span per request, child of the caller's trace context: the
+        // span of a transaction a Begin or Execute starts hangs under it.
+        .trace_fn(|req| {
+            let span = tracing::debug_span!("grpc_request", rpc = %req.uri().path());
+            twopc_telemetry::propagation::set_remote_parent(&span, req.headers());
+            span
+        })
         .add_service(health_service)
         .add_service(reflection)
         .add_service(pb::coordinator_server::CoordinatorServer::new(service.clone()).max_decoding_message_size(max_message))
@@ -251,7 +259,7 @@ async fn drain(handle: &driver::Handle, timeout: Duration) {
     let now = tokio::time::Instant::now();
     let deadline = now.checked_add(timeout).unwrap_or(now + Duration::from_secs(86_400 * 365));
     let undecided = || async {
-        match handle.call(|req| Input::List { req, in_doubt_only: false, limit: usize::MAX }).await {
+        match handle.call(|req| Input::List { req, in_doubt_only: false, limit: usize::MAX, filter: Default::default() }).await {
             Ok(Reply::List(l)) => l
                 .transactions
                 .into_iter()

@@ -14,7 +14,7 @@ use tonic::{Code, Request, Response, Status};
 use twopc_proto::status::{aborted, error};
 use twopc_proto::{Outcome, ParticipantName, TxnId, pb, reason, validate_endpoint};
 
-use crate::core::{CoreError, ExecBranch, Input, Reply, TxnState, TxnStatus};
+use crate::core::{CoreError, ExecBranch, Input, ListFilter, Reply, TxnState, TxnStatus};
 use crate::driver::Handle;
 use crate::log::DecisionLog;
 
@@ -132,6 +132,22 @@ pub fn core_error(e: &CoreError) -> Status {
 }
 
 /// A transaction's status on the wire.
+/// A state named in a list filter; UNSPECIFIED and unknown values are
+/// refused.
+fn state_from_pb(value: i32) -> Result<TxnState, Status> {
+    match pb::TxnState::try_from(value) {
+        Ok(pb::TxnState::Active) => Ok(TxnState::Active),
+        Ok(pb::TxnState::Preparing) => Ok(TxnState::Preparing),
+        Ok(pb::TxnState::Deciding) => Ok(TxnState::Deciding),
+        Ok(pb::TxnState::Committed) => Ok(TxnState::Committed),
+        Ok(pb::TxnState::Aborted) => Ok(TxnState::Aborted),
+        Ok(pb::TxnState::Forgotten) => Ok(TxnState::Forgotten),
+        Ok(pb::TxnState::Unspecified) | Err(_) => {
+            Err(error(Code::InvalidArgument, reason::STATE_INVALID, format!("no transaction state has the value {value}")))
+        }
+    }
+}
+
 fn status_pb(s: &TxnStatus) -> pb::StatusResponse {
     let state = match s.state {
         TxnState::Active => pb::TxnState::Active,
@@ -352,6 +368,22 @@ impl pb::admin_server::Admin for CoordinatorService {
         Ok(Response::new(Box::pin(stream)))
     }
 
+    async fn get_transaction(&self, request: Request<pb::GetTransactionRequest>) -> Result<Response<pb::GetTransactionResponse>, Status> {
+        let txn = parse_txn(&request.get_ref().txn_id)?;
+        let status = match self.call(|req| Input::Status { req, txn }).await? {
+            Reply::Status(s) => status_pb(&s),
+            Reply::Error(e) => return Err(core_error(&e)),
+            other => return Err(unexpected(&other)),
+        };
+        let unavailable = |_| error(Code::Unavailable, reason::COORDINATOR_UNAVAILABLE, "the coordinator is shutting down");
+        let (events, recovered) = self.handle.timeline(txn).await.map_err(unavailable)?.unwrap_or_default();
+        Ok(Response::new(pb::GetTransactionResponse {
+            status: Some(status),
+            timeline: events.iter().map(pb::TimelineEvent::from).collect(),
+            recovered,
+        }))
+    }
+
     async fn get_log_stats(&self, _request: Request<pb::GetLogStatsRequest>) -> Result<Response<pb::LogStats>, Status> {
         let s = self.log.store().stats();
         Ok(Response::new(pb::LogStats { requests: s.requests, writes: s.writes, synced_writes: s.synced_writes }))
@@ -364,7 +396,10 @@ impl pb::admin_server::Admin for CoordinatorService {
         let r = request.get_ref();
         let in_doubt_only = r.in_doubt_only;
         let limit = if r.limit == 0 { 1000 } else { r.limit.min(100_000) as usize };
-        match self.call(|req| Input::List { req, in_doubt_only, limit }).await? {
+        let states = r.states.iter().map(|s| state_from_pb(*s)).collect::<Result<Vec<_>, _>>()?;
+        let participant = if r.participant.is_empty() { None } else { Some(parse_name(&r.participant)?) };
+        let filter = ListFilter { states, min_age_ms: r.min_age_ms, participant };
+        match self.call(|req| Input::List { req, in_doubt_only, limit, filter }).await? {
             Reply::List(l) => Ok(Response::new(pb::ListTransactionsResponse {
                 transactions: l.transactions.iter().map(status_pb).collect(),
                 in_doubt: l.in_doubt as u64,

@@ -43,6 +43,14 @@ pub enum ClientError {
     Protocol(String),
 }
 
+/// A request carrying the trace context of the caller's current span, so
+/// the coordinator's work for it joins the initiator's trace.
+fn traced<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    twopc_telemetry::propagation::inject_current(&mut request);
+    request
+}
+
 fn transient(s: &Status) -> bool {
     matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded)
 }
@@ -94,7 +102,7 @@ impl TxnClient {
         let r = self
             .inner
             .clone()
-            .begin(pb::BeginRequest { timeout_ms: ms })
+            .begin(traced(pb::BeginRequest { timeout_ms: ms }))
             .await
             .map_err(|s| if transient(&s) { ClientError::Unavailable(s.message().to_owned()) } else { ClientError::Refused(s) })?;
         let r = r.into_inner();
@@ -111,7 +119,7 @@ impl TxnClient {
     ) -> Result<Finished, ClientError> {
         let branches = branches.into_iter().map(|(n, p)| pb::Branch { participant: n.into(), payload: p.into() }).collect();
         let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX).max(1);
-        match self.inner.clone().execute(pb::ExecuteRequest { branches, timeout_ms: ms }).await {
+        match self.inner.clone().execute(traced(pb::ExecuteRequest { branches, timeout_ms: ms })).await {
             Ok(r) => {
                 let txn = r.get_ref().txn_id.parse::<TxnId>().map_err(|e| ClientError::Protocol(e.to_string()))?;
                 Ok(Finished { txn, outcome: Outcome::Committed })
@@ -130,7 +138,7 @@ impl TxnClient {
     pub async fn status(&self, txn: TxnId) -> Result<pb::StatusResponse, ClientError> {
         self.inner
             .clone()
-            .status(pb::StatusRequest { txn_id: txn.to_string() })
+            .status(traced(pb::StatusRequest { txn_id: txn.to_string() }))
             .await
             .map(|r| r.into_inner())
             .map_err(|s| if transient(&s) { ClientError::Unavailable(s.message().to_owned()) } else { ClientError::Refused(s) })
@@ -168,7 +176,7 @@ impl Transaction {
         let mut delay = Duration::from_millis(50);
         let mut last = String::new();
         for _ in 0..5 {
-            match self.client.inner.clone().commit(pb::CommitRequest { txn_id: self.id.to_string() }).await {
+            match self.client.inner.clone().commit(traced(pb::CommitRequest { txn_id: self.id.to_string() })).await {
                 Ok(_) => return Ok(Outcome::Committed),
                 Err(s) => {
                     if let Some(reason) = status::abort_reason(&s) {
@@ -191,7 +199,7 @@ impl Transaction {
         self.client
             .inner
             .clone()
-            .abort(pb::AbortRequest { txn_id: self.id.to_string(), reason: reason.to_owned() })
+            .abort(traced(pb::AbortRequest { txn_id: self.id.to_string(), reason: reason.to_owned() }))
             .await
             .map(|_| ())
             .map_err(|s| if transient(&s) { ClientError::Unavailable(s.message().to_owned()) } else { ClientError::Refused(s) })

@@ -13,6 +13,12 @@
 //! FAILED_PRECONDITION (JOIN_REFUSED) without running the handler; a
 //! malformed id is INVALID_ARGUMENT (TXN_ID_MALFORMED). Requests without the
 //! metadata pass through untouched.
+//!
+//! Both sides carry W3C trace context too: the interceptor injects the
+//! caller's current span, and the layer runs each request that carries a
+//! transaction or a `traceparent` in a `grpc_request` span (DEBUG level)
+//! whose parent is the caller's, so the work a transaction does here is part
+//! of the initiator's trace.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -20,8 +26,10 @@ use std::task::{Context, Poll};
 use tonic::Code;
 use tonic::metadata::MetadataValue;
 use tonic::service::Interceptor;
+use tracing::Instrument;
 use twopc_proto::status::error;
-use twopc_proto::{TXN_METADATA_KEY, TxnId, UnixMillis, reason};
+use twopc_proto::{ParticipantName, TXN_METADATA_KEY, TxnId, UnixMillis, reason};
+use twopc_telemetry::propagation::{self, TRACEPARENT};
 
 use crate::core::{Input, Reply};
 use crate::driver::Handle;
@@ -62,6 +70,7 @@ impl TxnInterceptor {
 impl Interceptor for TxnInterceptor {
     fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         request.metadata_mut().insert(TXN_METADATA_KEY, self.value.clone());
+        propagation::inject_current(&mut request);
         Ok(request)
     }
 }
@@ -71,11 +80,12 @@ impl Interceptor for TxnInterceptor {
 pub struct TxnLayer {
     handle: Handle,
     in_flight: InFlight,
+    name: ParticipantName,
 }
 
 impl TxnLayer {
-    pub(crate) fn new(handle: Handle, in_flight: InFlight) -> Self {
-        TxnLayer { handle, in_flight }
+    pub(crate) fn new(handle: Handle, in_flight: InFlight, name: ParticipantName) -> Self {
+        TxnLayer { handle, in_flight, name }
     }
 }
 
@@ -125,7 +135,7 @@ impl<S> tower::Layer<S> for TxnLayer {
     type Service = TxnService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        TxnService { inner, handle: self.handle.clone(), in_flight: self.in_flight.clone() }
+        TxnService { inner, handle: self.handle.clone(), in_flight: self.in_flight.clone(), name: self.name.clone() }
     }
 }
 
@@ -135,6 +145,7 @@ pub struct TxnService<S> {
     inner: S,
     handle: Handle,
     in_flight: InFlight,
+    name: ParticipantName,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -154,34 +165,51 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        let Some(raw) = req.headers().get(TXN_METADATA_KEY).cloned() else {
+        let raw = req.headers().get(TXN_METADATA_KEY).cloned();
+        if raw.is_none() && !req.headers().contains_key(TRACEPARENT) {
             return Box::pin(self.inner.call(req));
+        }
+        let span = tracing::debug_span!("grpc_request", rpc = %req.uri().path(), participant = %self.name, txn_id = tracing::field::Empty);
+        propagation::set_remote_parent(&span, req.headers());
+        let Some(raw) = raw else {
+            let _entered = span.enter();
+            let fut = self.inner.call(req);
+            drop(_entered);
+            return Box::pin(fut.instrument(span));
         };
+        let call_span = span.clone();
         // The clone is ready-checked as tower requires: swap it in.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let handle = self.handle.clone();
         let in_flight = self.in_flight.clone();
-        Box::pin(async move {
-            let txn = match raw.to_str().ok().map(str::parse::<TxnId>) {
-                Some(Ok(t)) => t,
-                _ => {
-                    let text = String::from_utf8_lossy(raw.as_bytes()).chars().take(64).collect::<String>();
-                    let s =
-                        error(Code::InvalidArgument, reason::TXN_ID_MALFORMED, format!("malformed {TXN_METADATA_KEY} metadata {text:?}"));
-                    return Ok(s.into_http());
+        Box::pin(
+            async move {
+                let txn = match raw.to_str().ok().map(str::parse::<TxnId>) {
+                    Some(Ok(t)) => t,
+                    _ => {
+                        let text = String::from_utf8_lossy(raw.as_bytes()).chars().take(64).collect::<String>();
+                        let s = error(
+                            Code::InvalidArgument,
+                            reason::TXN_ID_MALFORMED,
+                            format!("malformed {TXN_METADATA_KEY} metadata {text:?}"),
+                        );
+                        return Ok(s.into_http());
+                    }
+                };
+                call_span.record("txn_id", tracing::field::display(txn));
+                match handle.call(|r| Input::Join { req: r, txn }).await {
+                    Ok(Reply::Joined { deadline }) => {
+                        req.extensions_mut().insert(TxnScope { txn, deadline });
+                        let _running = in_flight.enter(txn);
+                        inner.call(req).await
+                    }
+                    Ok(Reply::Error(e)) => Ok(core_error(&e).into_http()),
+                    Ok(other) => Ok(tonic::Status::internal(format!("unexpected reply {other:?}")).into_http()),
+                    Err(_) => Ok(error(Code::Unavailable, reason::PARTICIPANT_UNAVAILABLE, "the participant is shutting down").into_http()),
                 }
-            };
-            match handle.call(|r| Input::Join { req: r, txn }).await {
-                Ok(Reply::Joined { deadline }) => {
-                    req.extensions_mut().insert(TxnScope { txn, deadline });
-                    let _running = in_flight.enter(txn);
-                    inner.call(req).await
-                }
-                Ok(Reply::Error(e)) => Ok(core_error(&e).into_http()),
-                Ok(other) => Ok(tonic::Status::internal(format!("unexpected reply {other:?}")).into_http()),
-                Err(_) => Ok(error(Code::Unavailable, reason::PARTICIPANT_UNAVAILABLE, "the participant is shutting down").into_http()),
             }
-        })
+            .instrument(span),
+        )
     }
 }

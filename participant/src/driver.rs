@@ -22,7 +22,7 @@ use std::time::Duration;
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Channel;
-use tracing::{debug, warn};
+use tracing::{Instrument, debug, warn};
 use twopc_proto::logpb::BranchRecord;
 use twopc_proto::pb::coordinator_client::CoordinatorClient;
 use twopc_proto::{Decision, ParticipantName, TxnId, UnixMillis, pb};
@@ -53,7 +53,7 @@ pub const METRIC_QUERY_RETRIES: &str = "twopc_participant_decision_query_retries
 pub const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
 
 enum Msg {
-    Call { req: ReqId, input: Input, reply: oneshot::Sender<Reply> },
+    Call { req: ReqId, input: Input, reply: oneshot::Sender<Reply>, span: tracing::Span },
     Internal(Input),
     Voted { txn: TxnId, vote: Result<twopc_proto::Vote, String>, batch: Batch },
     Stop(oneshot::Sender<()>),
@@ -76,7 +76,7 @@ impl Handle {
     pub async fn call(&self, make: impl FnOnce(ReqId) -> Input) -> Result<Reply, Stopped> {
         let req = self.next_req.fetch_add(1, Ordering::Relaxed);
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Msg::Call { req, input: make(req), reply }).await.map_err(|_| Stopped)?;
+        self.tx.send(Msg::Call { req, input: make(req), reply, span: tracing::Span::current() }).await.map_err(|_| Stopped)?;
         rx.await.map_err(|_| Stopped)
     }
 
@@ -127,7 +127,15 @@ pub fn load_branches(store: &dyn LogStore) -> Result<Vec<(TxnId, BranchRecord)>,
 pub fn spawn(core: Core, recovery: Vec<Effect>, parts: Parts) -> Handle {
     let (tx, rx) = mpsc::channel(16_384);
     let handle = Handle { tx: tx.clone(), next_req: Arc::new(AtomicU64::new(1)) };
-    let driver = Driver { core, parts: Arc::new(parts), tx, pending: HashMap::new(), staged: HashMap::new(), timers: Default::default() };
+    let driver = Driver {
+        core,
+        parts: Arc::new(parts),
+        tx,
+        pending: HashMap::new(),
+        staged: HashMap::new(),
+        timers: Default::default(),
+        caller: tracing::Span::none(),
+    };
     tokio::spawn(driver.run(rx, recovery));
     handle
 }
@@ -142,6 +150,9 @@ struct Driver {
     staged: HashMap<TxnId, Batch>,
     /// Every timer the core set, with one sleep for the earliest.
     timers: twopc_storage::timers::TimerQueue<crate::core::Timer>,
+    /// The span of the caller whose input is being stepped (none for
+    /// internal inputs): the parent of the Enlist call a Join makes.
+    caller: tracing::Span,
 }
 
 impl Driver {
@@ -176,8 +187,9 @@ impl Driver {
                 },
             };
             let input = match msg {
-                Msg::Call { req, input, reply } => {
+                Msg::Call { req, input, reply, span } => {
                     self.pending.insert(req, reply);
+                    self.caller = span;
                     input
                 }
                 Msg::Internal(input) => {
@@ -199,6 +211,7 @@ impl Driver {
             for e in self.core.step(UnixMillis::now(), input) {
                 self.perform(e);
             }
+            self.caller = tracing::Span::none();
         }
     }
 
@@ -233,21 +246,29 @@ impl Driver {
                     let _ = tx.send(reply);
                 }
             }
-            Effect::Enlist { txn } => self.internal(async move {
-                let mut c = parts.coordinator.clone();
-                let mut req = tonic::Request::new(pb::EnlistRequest {
-                    txn_id: txn.to_string(),
-                    participant: parts.name.as_str().to_owned(),
-                    endpoint: parts.endpoint.clone(),
-                    incarnation: parts.incarnation,
-                });
-                req.set_timeout(parts.rpc_timeout);
-                let result = match c.enlist(req).await {
-                    Ok(r) => Ok(UnixMillis(r.get_ref().deadline_unix_ms)),
-                    Err(s) => Err(format!("the coordinator refused enlistment: {}", s.message())),
-                };
-                Input::Enlisted { txn, result }
-            }),
+            Effect::Enlist { txn } => {
+                let span = tracing::debug_span!(parent: &self.caller, "enlist_call", txn_id = %txn, participant = %parts.name);
+                let call_span = span.clone();
+                self.internal(
+                    async move {
+                        let mut c = parts.coordinator.clone();
+                        let mut req = tonic::Request::new(pb::EnlistRequest {
+                            txn_id: txn.to_string(),
+                            participant: parts.name.as_str().to_owned(),
+                            endpoint: parts.endpoint.clone(),
+                            incarnation: parts.incarnation,
+                        });
+                        req.set_timeout(parts.rpc_timeout);
+                        twopc_telemetry::propagation::inject(&call_span, req.metadata_mut());
+                        let result = match c.enlist(req).await {
+                            Ok(r) => Ok(UnixMillis(r.get_ref().deadline_unix_ms)),
+                            Err(s) => Err(format!("the coordinator refused enlistment: {}", s.message())),
+                        };
+                        Input::Enlisted { txn, result }
+                    }
+                    .instrument(span),
+                )
+            }
             Effect::ResourcePrepare { txn, payload } => {
                 let tx = self.tx.clone();
                 tokio::spawn(async move {

@@ -236,12 +236,12 @@ impl Participant {
 
     /// The `twopc.v1.Participant` service to mount on the service's server.
     pub fn service(&self) -> ParticipantServer<ParticipantService> {
-        ParticipantServer::new(ParticipantService::new(self.handle.clone()))
+        ParticipantServer::new(ParticipantService::new(self.handle.clone(), self.name.clone()))
     }
 
     /// The server layer that joins transactions carried in request metadata.
     pub fn layer(&self) -> TxnLayer {
-        TxnLayer::new(self.handle.clone(), self.in_flight.clone())
+        TxnLayer::new(self.handle.clone(), self.in_flight.clone(), self.name.clone())
     }
 
     /// True once the coordinator acknowledged this participant's

@@ -1,10 +1,16 @@
 //! The `twopc.v1.Participant` gRPC service the coordinator calls: thin
 //! handlers that validate, hand the request to the driver, and map the
 //! core's answer to a response or a precise status.
+//!
+//! Each call runs in a span (`branch_prepare`, `branch_commit`,
+//! `branch_abort`; DEBUG level) carrying the transaction id and the
+//! participant's name, under the coordinator's call span when the request
+//! came through the participant's layer with trace context.
 
 use tonic::{Code, Request, Response, Status};
+use tracing::Instrument;
 use twopc_proto::status::error;
-use twopc_proto::{TxnId, UnixMillis, pb, reason};
+use twopc_proto::{ParticipantName, TxnId, UnixMillis, pb, reason};
 
 use crate::core::{CoreError, Input, Reply};
 use crate::driver::Handle;
@@ -13,11 +19,12 @@ use crate::driver::Handle;
 #[derive(Clone)]
 pub struct ParticipantService {
     handle: Handle,
+    name: ParticipantName,
 }
 
 impl ParticipantService {
-    pub(crate) fn new(handle: Handle) -> Self {
-        ParticipantService { handle }
+    pub(crate) fn new(handle: Handle, name: ParticipantName) -> Self {
+        ParticipantService { handle, name }
     }
 
     async fn call(&self, make: impl FnOnce(u64) -> Input) -> Result<Reply, Status> {
@@ -61,8 +68,14 @@ impl pb::participant_server::Participant for ParticipantService {
         let r = request.into_inner();
         let txn = parse_txn(&r.txn_id)?;
         let (epoch, payload, deadline) = (r.coordinator_epoch, r.payload, UnixMillis(r.deadline_unix_ms));
-        match self.call(|req| Input::Prepare { req, txn, epoch, payload, deadline }).await? {
-            Reply::Voted(v) => Ok(Response::new(pb::PrepareResponse::from(&v.vote()))),
+        let span = tracing::debug_span!("branch_prepare", txn_id = %txn, participant = %self.name, vote = tracing::field::Empty);
+        let reply = self.call(|req| Input::Prepare { req, txn, epoch, payload, deadline }).instrument(span.clone()).await?;
+        match reply {
+            Reply::Voted(v) => {
+                let vote = v.vote();
+                span.record("vote", tracing::field::debug(&vote));
+                Ok(Response::new(pb::PrepareResponse::from(&vote)))
+            }
             Reply::Error(e) => Err(core_error(&e)),
             other => Err(unexpected(&other)),
         }
@@ -72,7 +85,8 @@ impl pb::participant_server::Participant for ParticipantService {
         let r = request.get_ref();
         let txn = parse_txn(&r.txn_id)?;
         let epoch = r.coordinator_epoch;
-        acked(self.call(|req| Input::Commit { req, txn, epoch }).await?)?;
+        let span = tracing::debug_span!("branch_commit", txn_id = %txn, participant = %self.name);
+        acked(self.call(|req| Input::Commit { req, txn, epoch }).instrument(span).await?)?;
         Ok(Response::new(pb::CommitBranchResponse {}))
     }
 
@@ -80,7 +94,8 @@ impl pb::participant_server::Participant for ParticipantService {
         let r = request.get_ref();
         let txn = parse_txn(&r.txn_id)?;
         let epoch = r.coordinator_epoch;
-        acked(self.call(|req| Input::Abort { req, txn, epoch }).await?)?;
+        let span = tracing::debug_span!("branch_abort", txn_id = %txn, participant = %self.name);
+        acked(self.call(|req| Input::Abort { req, txn, epoch }).instrument(span).await?)?;
         Ok(Response::new(pb::AbortBranchResponse {}))
     }
 }

@@ -82,6 +82,8 @@ pub mod reason {
     pub const JOIN_REFUSED: &str = "JOIN_REFUSED";
     /// A key is locked by another transaction past the wait bound.
     pub const LOCK_CONFLICT: &str = "LOCK_CONFLICT";
+    /// A list filter names a transaction state that does not exist.
+    pub const STATE_INVALID: &str = "STATE_INVALID";
 }
 
 /// Milliseconds since the Unix epoch: the one clock that crosses processes

@@ -269,7 +269,7 @@ impl ProcCluster {
     /// The coordinator's count of in-doubt transactions.
     pub async fn coordinator_in_doubt(&self) -> anyhow::Result<u64> {
         let mut admin = twopc_proto::pb::admin_client::AdminClient::new(Self::channel(self.coordinator.addr)?);
-        let mut req = tonic::Request::new(twopc_proto::pb::ListTransactionsRequest { in_doubt_only: true, limit: 1 });
+        let mut req = tonic::Request::new(twopc_proto::pb::ListTransactionsRequest { in_doubt_only: true, limit: 1, ..Default::default() });
         req.set_timeout(Duration::from_secs(2));
         Ok(admin.list_transactions(req).await?.into_inner().in_doubt)
     }

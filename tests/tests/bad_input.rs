@@ -56,6 +56,14 @@ trait Summary {
     fn summary(&self) -> String;
 }
 
+impl Summary for tp::GetTransactionResponse {
+    fn summary(&self) -> String {
+        let state = self.status.as_ref().map_or(0, |s| s.state);
+        let state = tp::TxnState::try_from(state).map_or_else(|_| format!("state {state}"), |s| s.as_str_name().to_owned());
+        format!("{state}, {} events", self.timeline.len())
+    }
+}
+
 impl Summary for tp::BeginResponse {
     fn summary(&self) -> String {
         format!("begun {}", self.txn_id)
@@ -200,7 +208,11 @@ struct Snapshot {
 
 async fn snapshot(c: &TestCoordinator, ps: &[TestParticipant]) -> Snapshot {
     let mut admin = tp::admin_client::AdminClient::new(channel(&c.url()));
-    let list = admin.list_transactions(tp::ListTransactionsRequest { in_doubt_only: true, limit: 0 }).await.expect("list").into_inner();
+    let list = admin
+        .list_transactions(tp::ListTransactionsRequest { in_doubt_only: true, limit: 0, ..Default::default() })
+        .await
+        .expect("list")
+        .into_inner();
     Snapshot {
         data: ps.iter().map(|p| p.kv.scan(b"").expect("scan")).collect(),
         locks: ps.iter().map(|p| p.kv.locked_keys()).collect(),
@@ -268,7 +280,7 @@ fn exec_rq(branches: Vec<tp::Branch>) -> tp::ExecuteRequest {
 }
 
 fn list_rq(in_doubt_only: bool, limit: u32) -> tp::ListTransactionsRequest {
-    tp::ListTransactionsRequest { in_doubt_only, limit }
+    tp::ListTransactionsRequest { in_doubt_only, limit, ..Default::default() }
 }
 
 fn prepare_rq(id: &str, epoch: u64, payload: Option<&[u8]>, deadline_unix_ms: u64) -> tp::PrepareRequest {
@@ -416,6 +428,52 @@ async fn coordinator_refuses_bad_input_precisely() {
         passes!("list with limit 0 (default)", "0 in doubt", admin.list_transactions(list_rq(false, 0))),
         passes!("list with limit u32::MAX", "0 in doubt", admin.list_transactions(list_rq(false, u32::MAX))),
         passes!("list in doubt with limit 1", "0 in doubt", admin.list_transactions(list_rq(true, 1))),
+        fails!(
+            "list by state UNSPECIFIED",
+            InvalidArgument,
+            STATE_INVALID,
+            admin.list_transactions(tp::ListTransactionsRequest { states: vec![0], ..Default::default() })
+        ),
+        fails!(
+            "list by state 99",
+            InvalidArgument,
+            STATE_INVALID,
+            admin.list_transactions(tp::ListTransactionsRequest { states: vec![4, 99], ..Default::default() })
+        ),
+        fails!(
+            "list by invalid participant",
+            InvalidArgument,
+            PARTICIPANT_NAME_INVALID,
+            admin.list_transactions(tp::ListTransactionsRequest { participant: "a b".into(), ..Default::default() })
+        ),
+        passes!(
+            "list by unknown participant",
+            "0 in doubt",
+            admin.list_transactions(tp::ListTransactionsRequest { participant: "nobody".into(), ..Default::default() })
+        ),
+        passes!(
+            "list older than u64::MAX ms",
+            "0 in doubt",
+            admin.list_transactions(tp::ListTransactionsRequest { min_age_ms: u64::MAX, ..Default::default() })
+        ),
+        fails!(
+            "show empty id",
+            InvalidArgument,
+            TXN_ID_MALFORMED,
+            admin.get_transaction(tp::GetTransactionRequest { txn_id: String::new() })
+        ),
+        fails!(
+            "show malformed id",
+            InvalidArgument,
+            TXN_ID_MALFORMED,
+            admin.get_transaction(tp::GetTransactionRequest { txn_id: "tx-1".into() })
+        ),
+        fails!(
+            "show never-issued id",
+            NotFound,
+            TXN_NOT_FOUND,
+            admin.get_transaction(tp::GetTransactionRequest { txn_id: "tx-999-1".into() })
+        ),
         // A vote sent to the coordinator: it has no such RPC.
         tonic_refuses!("prepare sent to the coordinator", Unimplemented, "", wrong_service.prepare(prepare_rq(&committed, epoch, None, 0))),
     ];

@@ -267,3 +267,129 @@ async fn participant_metrics_reach_the_process_exporter() {
     }
     c.stop().await;
 }
+
+/// The kinds, participants and details of `twopc --output json show TXN`.
+async fn timeline(url: &str, txn: &str) -> (serde_json::Value, Vec<(String, String, String)>) {
+    let (code, out, err) = twopc(url, &["--output", "json", "show", txn]).await;
+    assert_eq!(code, 0, "show {txn}: {out} {err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("show prints JSON ({e}): {out}"));
+    let events = v["timeline"]
+        .as_array()
+        .unwrap_or_else(|| panic!("a timeline array: {out}"))
+        .iter()
+        .map(|e| {
+            let s = |k: &str| e[k].as_str().unwrap_or_default().to_owned();
+            (s("event"), s("participant"), s("detail"))
+        })
+        .collect();
+    (v, events)
+}
+
+/// Position of the first event of `kind` (for `participant`, when given).
+fn at(events: &[(String, String, String)], kind: &str, participant: &str) -> usize {
+    events
+        .iter()
+        .position(|(k, p, _)| k == kind && (participant.is_empty() || p == participant))
+        .unwrap_or_else(|| panic!("no {kind} {participant} in {events:?}"))
+}
+
+async fn listed(url: &str, filters: &[&str]) -> Vec<String> {
+    let mut args = vec!["--output", "json", "list"];
+    args.extend_from_slice(filters);
+    let (code, out, err) = twopc(url, &args).await;
+    assert_eq!(code, 0, "list {filters:?}: {out} {err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("list prints JSON ({e}): {out}"));
+    v["transactions"].as_array().map(|a| a.iter().filter_map(|t| t["txn_id"].as_str().map(str::to_owned)).collect()).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn show_gives_the_timeline_and_list_filters_by_state_age_and_participant() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let args: Vec<String> =
+        ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--data-dir", &dir.path().join("c").display().to_string()]
+            .map(String::from)
+            .to_vec();
+    let mut c = Proc::start("coordinator", &binary("twopc-coordinator").expect("built"), &args, &dir.path().join("c.log"), WITHIN)
+        .await
+        .expect("coordinator starts");
+    let mut ps = start_services(dir.path(), &c.url()).await;
+    let url = c.url();
+    let id =
+        |out: &str| out.split_whitespace().find(|w| w.starts_with("tx-")).map(str::to_owned).unwrap_or_else(|| panic!("an id in {out:?}"));
+
+    let (code, out, err) = twopc(&url, &["execute", "-b", "wallet=put balance/t 5", "-b", "orders=put order/t 1"]).await;
+    assert_eq!(code, 0, "{out} {err}");
+    let committed = id(&out);
+    let (code, out, err) =
+        twopc(&url, &["execute", "-b", "wallet=incr balance/t -10; check balance/t >= 0", "-b", "orders=put order/u 1"]).await;
+    assert_eq!(code, 3, "{out} {err}");
+    let aborted = id(&err);
+    let (code, out, err) = twopc(&url, &["begin", "--timeout", "5m"]).await;
+    assert_eq!(code, 0, "{out} {err}");
+    let active = out.trim().to_owned();
+
+    // The committed one, once phase two is over: each participant's
+    // Prepare, vote, COMMIT and acknowledgement in protocol order.
+    let give_up = tokio::time::Instant::now() + WITHIN;
+    let events = loop {
+        let events = timeline(&url, &committed).await.1;
+        if events.iter().any(|(k, _, _)| k == "FINISHED") {
+            break events;
+        }
+        assert!(tokio::time::Instant::now() < give_up, "phase two of {committed} did not finish: {events:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(at(&events, "BEGUN", ""), 0, "{events:?}");
+    assert!(events[0].2.contains("execute on orders, wallet") || events[0].2.contains("execute on wallet, orders"), "{events:?}");
+    let decided = at(&events, "COMMITTED", "");
+    assert!(at(&events, "DECISION_WRITE_STARTED", "") < decided, "{events:?}");
+    for p in ["wallet", "orders"] {
+        assert!(at(&events, "PREPARE_SENT", p) < at(&events, "VOTED", p), "{events:?}");
+        assert!(at(&events, "VOTED", p) < at(&events, "DECISION_WRITE_STARTED", ""), "{events:?}");
+        assert_eq!(events[at(&events, "VOTED", p)].2, "YES");
+        assert!(decided < at(&events, "DECISION_SENT", p), "{events:?}");
+        assert_eq!(events[at(&events, "DECISION_SENT", p)].2, "COMMIT, attempt 1");
+        assert!(at(&events, "DECISION_SENT", p) < at(&events, "ACKNOWLEDGED", p), "{events:?}");
+        assert!(at(&events, "ACKNOWLEDGED", p) < at(&events, "FINISHED", ""), "{events:?}");
+    }
+
+    // The aborted one: the NO vote with the participant's reason, then the
+    // decision naming it.
+    let (v, events) = timeline(&url, &aborted).await;
+    assert_eq!(v["status"]["state"], "aborted", "{v}");
+    let no = &events[at(&events, "VOTED", "wallet")];
+    assert!(no.2.starts_with("NO: ") && no.2.contains("balance/t"), "{events:?}");
+    assert!(events[at(&events, "ABORTED", "")].2.contains("wallet voted no"), "{events:?}");
+
+    // The active one has begun and nothing more.
+    let (_, events) = timeline(&url, &active).await;
+    assert_eq!(events.iter().map(|e| e.0.as_str()).collect::<Vec<_>>(), ["BEGUN"], "{events:?}");
+    let (code, out, _) = twopc(&url, &["show", &active]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains(&format!("{active} active")) && out.contains("timeline:") && out.contains("BEGUN"), "table output:\n{out}");
+
+    assert_eq!(listed(&url, &["--state", "active"]).await, [active.as_str()]);
+    assert_eq!(listed(&url, &["--state", "committed"]).await, [committed.as_str()]);
+    assert_eq!(listed(&url, &["--state", "committed", "--state", "aborted"]).await, [committed.as_str(), aborted.as_str()]);
+    assert_eq!(listed(&url, &["--participant", "orders"]).await, [committed.as_str(), aborted.as_str()]);
+    assert_eq!(listed(&url, &["--participant", "inventory"]).await, Vec::<String>::new());
+    assert_eq!(listed(&url, &["--older-than", "1h"]).await, Vec::<String>::new());
+    assert_eq!(listed(&url, &["--older-than", "0s", "--state", "active"]).await, [active.as_str()]);
+    let (code, _, err) = twopc(&url, &["list", "--participant", "bad name"]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.starts_with("twopc: error: ") && err.contains("PARTICIPANT_NAME_INVALID") && err.lines().count() == 1, "{err}");
+
+    // Aborting the active one by hand shows in its timeline.
+    let (code, _, err) = twopc(&url, &["abort", &active, "--reason", "operator"]).await;
+    assert_eq!(code, 0, "{err}");
+    let (_, events) = timeline(&url, &active).await;
+    let kinds: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(kinds, ["BEGUN", "ABORT_REQUESTED", "ABORTED", "FINISHED"], "{events:?}");
+    assert_eq!(events[1].2, "operator");
+
+    for p in ps.iter_mut() {
+        p.terminate(Duration::from_secs(10)).await.expect("service stops");
+    }
+    let s = c.terminate(Duration::from_secs(10)).await.expect("coordinator stops on SIGTERM");
+    assert!(s.success(), "coordinator exited with {s}");
+}

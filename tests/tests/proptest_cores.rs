@@ -595,7 +595,7 @@ mod coord {
                 }
                 Op::List { in_doubt_only, limit } => {
                     let req = self.req();
-                    self.feed(Input::List { req, in_doubt_only, limit })
+                    self.feed(Input::List { req, in_doubt_only, limit, filter: Default::default() })
                 }
                 Op::Duplicate { i } => {
                     if self.history.is_empty() {

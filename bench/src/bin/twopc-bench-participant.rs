@@ -116,10 +116,12 @@ async fn main() {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("TWOPC_LOG").unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    let _telemetry = twopc_telemetry::init(&twopc_telemetry::Config {
+        service_name: args.name.clone(),
+        log_filter: std::env::var("TWOPC_LOG").unwrap_or_else(|_| "warn".into()),
+        log_format: twopc_telemetry::LogFormat::Text,
+        otlp_endpoint: None,
+    })?;
     let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
     let builder =

@@ -9,7 +9,7 @@
 //! start or fails while serving, 2 for a usage error (bad flag, bad
 //! environment value, unreadable or invalid configuration file).
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
@@ -74,24 +74,25 @@ fn main() {
     if let Err(e) = twopc_storage::crash::arm_from_env() {
         fail(&e);
     }
-    let json = match config.log_format {
-        LogFormat::Json => true,
-        LogFormat::Text => false,
-        LogFormat::Auto => !std::io::stderr().is_terminal(),
-    };
-    let filter = match tracing_subscriber::EnvFilter::try_new(&config.log) {
-        Ok(f) => f,
-        Err(e) => usage(&format!("invalid log filter {:?}: {e}", config.log)),
-    };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => fail(&format!("cannot start the runtime: {e}")),
+    };
+    let telemetry = twopc_telemetry::Config {
+        service_name: "twopc-coordinator".into(),
+        log_filter: config.log.clone(),
+        log_format: match config.log_format {
+            LogFormat::Auto => twopc_telemetry::LogFormat::Auto,
+            LogFormat::Json => twopc_telemetry::LogFormat::Json,
+            LogFormat::Text => twopc_telemetry::LogFormat::Text,
+        },
+        otlp_endpoint: config.otlp_endpoint.clone(),
+    };
+    // The OTLP exporter's channel lives on the runtime.
+    let _telemetry = match runtime.block_on(async { twopc_telemetry::init(&telemetry) }) {
+        Ok(t) => t,
+        Err(e @ twopc_telemetry::Error::Filter { .. }) => usage(&e.to_string()),
+        Err(e) => fail(&e.to_string()),
     };
     if let Err(e) = runtime.block_on(serve(config.coordinator)) {
         fail(&e);

@@ -19,12 +19,44 @@ struct Cli {
     #[arg(long, short = 'c', env = "TWOPC_COORDINATOR", default_value = "http://127.0.0.1:50051", global = true)]
     coordinator: String,
 
-    /// Print results as JSON instead of text.
+    /// Output format: a table for people, JSON for scripts.
+    #[arg(long, short = 'o', value_enum, default_value = "table", global = true)]
+    output: Output,
+
+    /// Same as --output json.
     #[arg(long, global = true)]
     json: bool,
 
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+/// A transaction state, as `list --state` takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum StateArg {
+    Active,
+    Preparing,
+    Deciding,
+    Committed,
+    Aborted,
+}
+
+impl From<StateArg> for pb::TxnState {
+    fn from(s: StateArg) -> Self {
+        match s {
+            StateArg::Active => pb::TxnState::Active,
+            StateArg::Preparing => pb::TxnState::Preparing,
+            StateArg::Deciding => pb::TxnState::Deciding,
+            StateArg::Committed => pb::TxnState::Committed,
+            StateArg::Aborted => pb::TxnState::Aborted,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -48,6 +80,13 @@ enum Command {
         /// Transaction id, tx-<epoch>-<seq>.
         txn: String,
     },
+    /// Show a transaction's status and full timeline: begin, each
+    /// enlistment, each Prepare and vote with its reason, the decision and
+    /// its write, each phase-two attempt and acknowledgement, with times.
+    Show {
+        /// Transaction id, tx-<epoch>-<seq>.
+        txn: String,
+    },
     /// List the transactions the coordinator holds, oldest first, with the
     /// count and the age of the oldest in-doubt one (past phase one, phase
     /// two not finished).
@@ -55,6 +94,15 @@ enum Command {
         /// Only in-doubt transactions.
         #[arg(long)]
         in_doubt: bool,
+        /// Only transactions in this state (repeat for several).
+        #[arg(long, value_enum)]
+        state: Vec<StateArg>,
+        /// Only transactions at least this old (for example 30s).
+        #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+        older_than: Option<Duration>,
+        /// Only transactions this participant is enlisted in.
+        #[arg(long, value_name = "NAME")]
+        participant: Option<String>,
         /// Most transactions to show.
         #[arg(long, default_value_t = 100)]
         limit: u32,
@@ -159,7 +207,7 @@ fn failure(s: tonic::Status, txn: Option<&str>) -> Failure {
 async fn run(cli: Cli) -> Result<String, Failure> {
     // Offline commands need no coordinator.
     if let Command::Log { command: LogCommand::Dump { data_dir } } = &cli.command {
-        return dump(data_dir, cli.json);
+        return dump(data_dir, cli.json || cli.output == Output::Json);
     }
     twopc_proto::validate_endpoint(&cli.coordinator).map_err(Failure::Error)?;
     let channel = tonic::transport::Endpoint::from_shared(cli.coordinator.clone())
@@ -169,7 +217,7 @@ async fn run(cli: Cli) -> Result<String, Failure> {
         .await
         .map_err(|e| Failure::Error(format!("cannot reach the coordinator at {}: {e}", cli.coordinator)))?;
     let mut c = CoordinatorClient::new(channel.clone());
-    let json = cli.json;
+    let json = cli.json || cli.output == Output::Json;
     match cli.command {
         Command::Log { command: LogCommand::Dump { data_dir } } => dump(&data_dir, json),
         Command::Watch => {
@@ -228,14 +276,24 @@ async fn run(cli: Cli) -> Result<String, Failure> {
             c.abort(pb::AbortRequest { txn_id: txn.clone(), reason }).await.map_err(|s| failure(s, Some(&txn)))?;
             Ok(format!("aborted {txn}"))
         }
-        Command::List { in_doubt, limit } => {
+        Command::List { in_doubt, state, older_than, participant, limit } => {
             let mut admin = twopc_proto::pb::admin_client::AdminClient::new(channel.clone());
-            let r = admin
-                .list_transactions(pb::ListTransactionsRequest { in_doubt_only: in_doubt, limit })
-                .await
-                .map_err(|s| failure(s, None))?
-                .into_inner();
+            let request = pb::ListTransactionsRequest {
+                in_doubt_only: in_doubt,
+                limit,
+                states: state.into_iter().map(|s| pb::TxnState::from(s) as i32).collect(),
+                min_age_ms: older_than.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                participant: participant.unwrap_or_default(),
+            };
+            let r = admin.list_transactions(request).await.map_err(|s| failure(s, None))?.into_inner();
             Ok(render_list(&r, json))
+        }
+        Command::Show { txn } => {
+            txn_arg(&txn)?;
+            let mut admin = twopc_proto::pb::admin_client::AdminClient::new(channel.clone());
+            let r =
+                admin.get_transaction(pb::GetTransactionRequest { txn_id: txn.clone() }).await.map_err(|s| failure(s, None))?.into_inner();
+            Ok(render_show(&r, json))
         }
         Command::Status { txn } => {
             txn_arg(&txn)?;
@@ -269,6 +327,53 @@ fn render_list(r: &pb::ListTransactionsResponse, json: bool) -> String {
             retries,
             waiting.join(",")
         ));
+    }
+    out
+}
+
+fn event_name(kind: i32) -> &'static str {
+    pb::TimelineEventKind::try_from(kind).map(|k| k.as_str_name().trim_start_matches("TIMELINE_EVENT_KIND_")).unwrap_or("UNKNOWN")
+}
+
+fn render_show(r: &pb::GetTransactionResponse, json: bool) -> String {
+    let status = r.status.as_ref().map(|s| render_status(s, json)).unwrap_or_default();
+    if json {
+        let events: Vec<String> = r
+            .timeline
+            .iter()
+            .map(|e| {
+                format!(
+                    "{{\"at_unix_ms\":{},\"event\":\"{}\",\"participant\":{},\"detail\":{}}}",
+                    e.at_unix_ms,
+                    event_name(e.kind),
+                    json_str(&e.participant),
+                    json_str(&e.detail)
+                )
+            })
+            .collect();
+        return format!("{{\"status\":{status},\"recovered\":{},\"timeline\":[{}]}}", r.recovered, events.join(","));
+    }
+    let mut out = status;
+    if r.timeline.is_empty() {
+        out.push_str("\nno timeline held (finished too long ago, or before the coordinator restarted)");
+        return out;
+    }
+    out.push_str("\ntimeline:");
+    if r.recovered {
+        out.push_str(" (from the coordinator's restart on; earlier events are not kept)");
+    }
+    let start = r.timeline[0].at_unix_ms;
+    for e in &r.timeline {
+        let at = std::time::UNIX_EPOCH + Duration::from_millis(e.at_unix_ms);
+        let line = format!(
+            "\n  {}  +{:>6} ms  {:<22} {:<16} {}",
+            humantime::format_rfc3339_millis(at),
+            e.at_unix_ms.saturating_sub(start),
+            event_name(e.kind),
+            e.participant,
+            e.detail
+        );
+        out.push_str(line.trim_end());
     }
     out
 }

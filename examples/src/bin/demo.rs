@@ -23,6 +23,7 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::{Rng, SeedableRng};
 use tonic::transport::Channel;
+use tracing::Instrument;
 use twopc_examples::pb;
 use twopc_examples::procs::{Proc, binary};
 use twopc_participant::{Outcome, TxnClient};
@@ -238,6 +239,10 @@ fn int(m: &BTreeMap<String, String>, k: &str) -> i64 {
 }
 
 async fn run(args: Args) -> anyhow::Result<bool> {
+    // Warnings on stderr; with OTEL_EXPORTER_OTLP_ENDPOINT set (the
+    // services inherit it), each order is one trace from here through the
+    // coordinator to every service.
+    let _telemetry = twopc_telemetry::init(&twopc_telemetry::Config { log_filter: "warn".into(), ..twopc_telemetry::Config::new("demo") })?;
     let seed = args.seed.unwrap_or_else(|| rand::rng().random());
     let tmp;
     let dir = match &args.data_dir {
@@ -296,7 +301,12 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         let (client, channels, results, bar, counts) = (client.clone(), channels.clone(), results.clone(), bar.clone(), counts.clone());
         tasks.push(tokio::spawn(async move {
             let t0 = Instant::now();
-            let r = if o.via_execute { place_via_execute(&client, &o).await } else { place_via_code(&client, &channels, &o).await };
+            let span = tracing::info_span!("order", order_id = %o.id, via_execute = o.via_execute);
+            let r = if o.via_execute {
+                place_via_execute(&client, &o).instrument(span).await
+            } else {
+                place_via_code(&client, &channels, &o).instrument(span).await
+            };
             let took = t0.elapsed();
             {
                 let mut c = counts.lock().unwrap_or_else(|p| p.into_inner());

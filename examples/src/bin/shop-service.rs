@@ -53,15 +53,18 @@ async fn main() {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     twopc_storage::crash::arm_from_env().map_err(anyhow::Error::msg)?;
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("TWOPC_LOG").unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .json()
-        .init();
+    let name = args.name.clone().unwrap_or_else(|| args.role.name().to_owned());
+    // Logs as JSON lines on stderr; spans exported over OTLP when
+    // OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    let _telemetry = twopc_telemetry::init(&twopc_telemetry::Config {
+        service_name: name.clone(),
+        log_filter: std::env::var("TWOPC_LOG").unwrap_or_else(|_| "info".into()),
+        log_format: twopc_telemetry::LogFormat::Json,
+        otlp_endpoint: None,
+    })?;
     let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
     let kv = KvStore::new(args.lock_wait);
-    let name = args.name.clone().unwrap_or_else(|| args.role.name().to_owned());
     let endpoint = args.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));
     let participant = Participant::builder(name)
         .data_dir(&args.data_dir)
