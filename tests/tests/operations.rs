@@ -219,6 +219,12 @@ async fn config_show_applies_flags_over_env_over_file_over_defaults() {
         );
         assert!(r.stdout.is_empty(), "nothing starts: {:?}", r.stdout);
     }
+    // The OTLP endpoint: from the standard variable, shown; not a URL, refused.
+    let otlp = coordinator(&["config", "show"], &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317")]).await;
+    assert!(otlp.stdout.lines().any(|l| l == "otlp_endpoint = \"http://127.0.0.1:4317\""), "{}", otlp.stdout);
+    let bad = coordinator(&["--otlp-endpoint", "127.0.0.1:4317", "config", "show"], &[]).await;
+    assert_eq!(bad.code, 2, "{}", bad.stderr);
+    assert!(bad.stderr.contains("otlp_endpoint \"127.0.0.1:4317\" must be an http:// or https:// URL"), "{}", bad.stderr);
     let missing = coordinator(&["--config", "/nonexistent/twopc.toml", "config", "show"], &[]).await;
     assert_eq!(missing.code, 2, "{}", missing.stderr);
     assert!(missing.stderr.contains("cannot read the configuration file"), "{}", missing.stderr);
