@@ -5,8 +5,16 @@
 //! [`Reply`] through a [`Handle`]. The driver steps the core with the wall
 //! clock, then carries out each effect: replies go to their callers; decision
 //! records go to the group-commit log and come back as `Durable` once synced;
-//! Prepare and phase-two messages go out on long-lived tonic channels (one per
-//! participant endpoint) from spawned tasks whose results come back as inputs;
+//! Prepare and phase-two messages wait in one outbox per participant
+//! endpoint until the end of the current turn of the event loop (the turn
+//! takes every input already queued, up to [`MAX_TURN`]), then leave as one
+//! `Participant.Deliver` batch per endpoint on a long-lived tonic channel,
+//! from a spawned task that streams each answer back as an input the moment
+//! it arrives. At low load a turn is one input and a batch one message, so
+//! batching adds no wait; under load a turn holds many inputs and the
+//! per-call cost (HTTP/2 stream, task, syscalls) is shared. A message that
+//! fails or is not answered in time fails alone, exactly as its own RPC
+//! would, and the core retries it or times it out as before;
 //! timers wait in one queue, with a single sleep for the earliest
 //! (`twopc_storage::timers`), and come back as `Timer` inputs.
 //!
@@ -28,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::{Channel, Endpoint};
-use tracing::{Instrument, Span, debug, error, warn};
+use tracing::{Span, debug, error, warn};
 use twopc_proto::pb::participant_client::ParticipantClient;
 use twopc_proto::{AbortCode, TxnId, UnixMillis, Vote, pb};
 use twopc_telemetry::propagation;
@@ -78,6 +86,9 @@ enum Msg {
         txn: TxnId,
         reply: oneshot::Sender<Option<(Vec<Event>, bool)>>,
     },
+    /// The participant at this endpoint took in the batch sent to it (or
+    /// the call failed): the next batch may go.
+    Sent(String),
     Internal(Input),
     Stop(oneshot::Sender<()>),
 }
@@ -142,6 +153,7 @@ pub fn spawn(core: Core, recovery: Vec<Effect>, log: DecisionLog, config: Driver
         clients: HashMap::new(),
         timers: Default::default(),
         events,
+        outboxes: HashMap::new(),
     };
     tokio::spawn(driver.run(rx, recovery));
     handle
@@ -162,6 +174,35 @@ struct Driver {
     timers: twopc_storage::timers::TimerQueue<crate::core::Timer>,
     /// Transaction events for `Admin.Watch` subscribers.
     events: tokio::sync::broadcast::Sender<pb::TxnEvent>,
+    /// Messages for each participant endpoint, waiting for the end of this
+    /// turn of the event loop and for the endpoint's previous batch to have
+    /// been taken in.
+    outboxes: HashMap<String, Lane>,
+}
+
+/// One participant endpoint's outgoing messages.
+#[derive(Default)]
+struct Lane {
+    queue: Vec<Outgoing>,
+    /// A batch is on its way and the participant has not yet taken it in
+    /// (its response headers have not arrived): what queues meanwhile goes
+    /// in the next batch.
+    sending: bool,
+}
+
+/// Most messages the event loop takes in one turn before it sends the
+/// batches they made.
+const MAX_TURN: usize = 1024;
+
+/// A Prepare, Commit or Abort waiting in an outbox.
+struct Outgoing {
+    txn: TxnId,
+    participant: twopc_proto::ParticipantName,
+    body: pb::envelope::Body,
+    /// The call's span: its context travels with the message; it ends when
+    /// the answer is in.
+    span: Span,
+    timeout: Duration,
 }
 
 /// Where a transaction is, as [`Core::progress`] reports it: state, phase
@@ -229,6 +270,7 @@ impl Driver {
             self.perform(e);
             twopc_storage::crash_point!("coordinator::during_recovery");
         }
+        self.flush();
         let mut gauges = tokio::time::interval(instruments::GAUGE_INTERVAL);
         gauges.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
@@ -246,6 +288,7 @@ impl Driver {
                     for timer in self.timers.pop_due() {
                         self.handle(Input::Timer(timer), &Span::none());
                     }
+                    self.flush();
                     continue;
                 }
                 msg = rx.recv() => match msg {
@@ -253,32 +296,61 @@ impl Driver {
                     None => return,
                 },
             };
-            let (input, span) = match msg {
-                Msg::Call { req, input, reply, span } => {
-                    self.pending.insert(req, reply);
-                    (input, span)
+            let mut stop = self.dispatch(msg).err();
+            // Whatever else is queued already joins this turn, so that the
+            // messages its steps make travel to each participant together.
+            for _ in 0..MAX_TURN {
+                if stop.is_some() {
+                    break;
                 }
-                Msg::Timeline { txn, reply } => {
-                    let _ = reply.send(self.tracks.get(txn));
-                    continue;
+                match rx.try_recv() {
+                    Ok(msg) => stop = self.dispatch(msg).err(),
+                    Err(_) => break,
                 }
-                Msg::Internal(input) => {
-                    match &input {
-                        Input::Voted { .. } => twopc_storage::crash_point!("coordinator::after_vote"),
-                        Input::Durable { .. } => twopc_storage::crash_point!("coordinator::after_decision_durable"),
-                        Input::Delivered { result: Ok(()), .. } => twopc_storage::crash_point!("coordinator::after_phase_two_ack"),
-                        _ => {}
-                    }
-                    (input, Span::none())
-                }
-                Msg::Stop(done) => {
-                    drop(self);
-                    let _ = done.send(());
-                    return;
-                }
-            };
-            self.handle(input, &span);
+            }
+            if let Some(done) = stop {
+                // What is still in the outboxes is dropped: recovery
+                // resends phase two, and unsent Prepares leave their
+                // transactions to be presumed aborted.
+                drop(self);
+                let _ = done.send(());
+                return;
+            }
+            self.flush();
         }
+    }
+
+    /// Handles one message; `Err` with the caller to tell when it stops the
+    /// driver.
+    fn dispatch(&mut self, msg: Msg) -> Result<(), oneshot::Sender<()>> {
+        let (input, span) = match msg {
+            Msg::Call { req, input, reply, span } => {
+                self.pending.insert(req, reply);
+                (input, span)
+            }
+            Msg::Timeline { txn, reply } => {
+                let _ = reply.send(self.tracks.get(txn));
+                return Ok(());
+            }
+            Msg::Sent(endpoint) => {
+                if let Some(lane) = self.outboxes.get_mut(&endpoint) {
+                    lane.sending = false;
+                }
+                return Ok(());
+            }
+            Msg::Internal(input) => {
+                match &input {
+                    Input::Voted { .. } => twopc_storage::crash_point!("coordinator::after_vote"),
+                    Input::Durable { .. } => twopc_storage::crash_point!("coordinator::after_decision_durable"),
+                    Input::Delivered { result: Ok(()), .. } => twopc_storage::crash_point!("coordinator::after_phase_two_ack"),
+                    _ => {}
+                }
+                (input, Span::none())
+            }
+            Msg::Stop(done) => return Err(done),
+        };
+        self.handle(input, &span);
+        Ok(())
     }
 
     /// Steps the core with one input, records its metrics, timeline and
@@ -455,6 +527,26 @@ impl Driver {
         Ok(client)
     }
 
+    fn enqueue(&mut self, endpoint: String, message: Outgoing) {
+        self.outboxes.entry(endpoint).or_default().queue.push(message);
+    }
+
+    /// Sends each outbox whose endpoint is not still taking in its previous
+    /// batch as one Deliver batch (a task per batch).
+    fn flush(&mut self) {
+        let ready: Vec<String> =
+            self.outboxes.iter().filter(|(_, lane)| !lane.sending && !lane.queue.is_empty()).map(|(e, _)| e.clone()).collect();
+        for endpoint in ready {
+            let client = self.client(&endpoint);
+            let Some(lane) = self.outboxes.get_mut(&endpoint) else { continue };
+            let rest = lane.queue.split_off(lane.queue.len().min(twopc_proto::MAX_DELIVER_BATCH));
+            let batch = std::mem::replace(&mut lane.queue, rest);
+            lane.sending = true;
+            metrics::histogram!(instruments::DELIVER_BATCH_MESSAGES).record(batch.len() as f64);
+            tokio::spawn(deliver(client, endpoint, batch, self.tx.clone()));
+        }
+    }
+
     fn internal(&self, fut: impl Future<Output = Input> + Send + 'static) {
         let tx = self.tx.clone();
         tokio::spawn(async move {
@@ -510,9 +602,6 @@ impl Driver {
                 });
             }
             Effect::SendPrepare { txn, participant, endpoint, payload, deadline } => {
-                let client = self.client(&endpoint);
-                let epoch = self.core.epoch();
-                let timeout = self.config.prepare_rpc_timeout;
                 let span = match self.tracks.live.get_mut(&txn) {
                     Some(t) => {
                         t.push(pb::TimelineEventKind::PrepareSent, Some(&participant), "");
@@ -520,95 +609,131 @@ impl Driver {
                     }
                     None => Span::none(),
                 };
-                let call_span = span.clone();
-                self.internal(
-                    async move {
-                        let vote = match client {
-                            Err(e) => Err(e),
-                            Ok(mut c) => {
-                                let mut req = tonic::Request::new(pb::PrepareRequest {
-                                    txn_id: txn.to_string(),
-                                    coordinator_epoch: epoch,
-                                    payload,
-                                    deadline_unix_ms: deadline.0,
-                                });
-                                req.set_timeout(timeout);
-                                propagation::inject(&call_span, req.metadata_mut());
-                                match c.prepare(req).await {
-                                    Ok(r) => Vote::try_from(r.get_ref()),
-                                    Err(s) => Err(format!("prepare failed: {}: {}", code_name(s.code()), s.message())),
-                                }
-                            }
-                        };
-                        debug!(%txn, %participant, ?vote, "vote");
-                        Input::Voted { txn, participant, vote }
-                    }
-                    .instrument(span),
-                );
+                let body = pb::envelope::Body::Prepare(pb::PrepareRequest {
+                    txn_id: txn.to_string(),
+                    coordinator_epoch: self.core.epoch(),
+                    payload,
+                    deadline_unix_ms: deadline.0,
+                });
+                let timeout = self.config.prepare_rpc_timeout;
+                self.enqueue(endpoint, Outgoing { txn, participant, body, span, timeout });
             }
             Effect::SendDecision { txn, participant, endpoint, decision } => {
-                let client = self.client(&endpoint);
-                let epoch = self.core.epoch();
-                let timeout = self.config.decision_rpc_timeout;
+                let what = if matches!(decision, PhaseTwo::Commit(_)) { "COMMIT" } else { "ABORT" };
                 let span = match self.tracks.live.get_mut(&txn) {
                     Some(t) => {
                         let kind = pb::TimelineEventKind::DecisionSent;
                         let attempt =
                             1 + t.events.iter().filter(|e| e.kind == kind && e.participant.as_ref() == Some(&participant)).count();
-                        let what = if matches!(decision, PhaseTwo::Commit(_)) { "COMMIT" } else { "ABORT" };
                         t.push(kind, Some(&participant), format!("{what}, attempt {attempt}"));
                         tracing::debug_span!(parent: t.call_parent(), "decision_call", txn_id = %txn, participant = %participant, decision = what, attempt)
                     }
                     None => Span::none(),
                 };
-                let call_span = span.clone();
-                self.internal(
-                    async move {
-                        let result = match client {
-                            Err(e) => Err(e),
-                            Ok(c) => send_decision(c, txn, epoch, decision, timeout, &call_span).await,
-                        };
-                        if let Err(e) = &result {
-                            warn!(%txn, %participant, error = %e, "phase-two delivery failed; will retry");
-                            let decision = match decision {
-                                PhaseTwo::Commit(_) => "commit",
-                                PhaseTwo::Abort => "abort",
-                            };
-                            metrics::counter!(instruments::PHASE_TWO_RETRIES, "decision" => decision).increment(1);
-                        }
-                        Input::Delivered { txn, participant, result }
-                    }
-                    .instrument(span),
-                );
+                let (txn_id, coordinator_epoch) = (txn.to_string(), self.core.epoch());
+                let body = match decision {
+                    PhaseTwo::Commit(_) => pb::envelope::Body::Commit(pb::CommitBranchRequest { txn_id, coordinator_epoch }),
+                    PhaseTwo::Abort => pb::envelope::Body::Abort(pb::AbortBranchRequest { txn_id, coordinator_epoch }),
+                };
+                let timeout = self.config.decision_rpc_timeout;
+                self.enqueue(endpoint, Outgoing { txn, participant, body, span, timeout });
             }
             Effect::SetTimer { at, timer } => self.timers.set(at.0, timer),
         }
     }
 }
 
-async fn send_decision(
-    mut c: ParticipantClient<Channel>,
-    txn: TxnId,
-    epoch: u64,
-    decision: PhaseTwo,
-    timeout: Duration,
-    span: &Span,
-) -> Result<(), String> {
-    let r = match decision {
-        PhaseTwo::Commit(_) => {
-            let mut req = tonic::Request::new(pb::CommitBranchRequest { txn_id: txn.to_string(), coordinator_epoch: epoch });
-            req.set_timeout(timeout);
-            propagation::inject(span, req.metadata_mut());
-            c.commit(req).await.map(|_| ())
+/// Sends one batch to a participant and turns each answer into the core's
+/// input as it arrives; every message left unanswered when the call fails
+/// (or the batch's deadline passes) fails with that error.
+async fn deliver(client: Result<ParticipantClient<Channel>, String>, endpoint: String, mut batch: Vec<Outgoing>, tx: mpsc::Sender<Msg>) {
+    let timeout = batch.iter().map(|m| m.timeout).max().unwrap_or_default();
+    let messages =
+        batch.iter().map(|m| pb::Envelope { body: Some(m.body.clone()), trace_context: propagation::to_map(&m.span) }).collect::<Vec<_>>();
+    let mut answered = vec![false; batch.len()];
+    let mut sent = Some(endpoint);
+    let call = async {
+        let mut c = client?;
+        let mut req = tonic::Request::new(pb::DeliverRequest { messages });
+        req.set_timeout(timeout);
+        let taken = c.deliver(req).await;
+        // The participant has the batch (or the call failed): the next one
+        // may go.
+        if let Some(e) = sent.take() {
+            let _ = tx.send(Msg::Sent(e)).await;
         }
-        PhaseTwo::Abort => {
-            let mut req = tonic::Request::new(pb::AbortBranchRequest { txn_id: txn.to_string(), coordinator_epoch: epoch });
-            req.set_timeout(timeout);
-            propagation::inject(span, req.metadata_mut());
-            c.abort(req).await.map(|_| ())
+        let mut stream = taken.map_err(|s| format!("{}: {}", code_name(s.code()), s.message()))?.into_inner();
+        loop {
+            match stream.message().await {
+                Ok(Some(d)) => {
+                    let i = d.index as usize;
+                    let n = batch.len();
+                    let Some(m) = batch.get_mut(i).filter(|_| !answered[i]) else {
+                        return Err(format!("the participant answered message {i} of {n} twice or out of range"));
+                    };
+                    answered[i] = true;
+                    let input = answer(m, d.body);
+                    // The call's span ends with its answer.
+                    m.span = Span::none();
+                    let _ = tx.send(Msg::Internal(input)).await;
+                }
+                Ok(None) => return Err("the participant ended the batch before answering every message".to_owned()),
+                Err(s) => return Err(format!("{}: {}", code_name(s.code()), s.message())),
+            }
+            if answered.iter().all(|a| *a) {
+                return Ok(());
+            }
         }
     };
-    r.map_err(|s| format!("{}: {}", code_name(s.code()), s.message()))
+    let failed = match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(())) => return,
+        Ok(Err(e)) => e,
+        Err(_) => format!("DEADLINE_EXCEEDED: no answer within {timeout:?}"),
+    };
+    if let Some(e) = sent.take() {
+        let _ = tx.send(Msg::Sent(e)).await;
+    }
+    for (m, _) in batch.iter().zip(&answered).filter(|(_, a)| !**a) {
+        let refused = pb::delivered::Body::Refused(pb::Refusal { code: -1, message: failed.clone(), reason: String::new() });
+        let _ = tx.send(Msg::Internal(answer(m, Some(refused)))).await;
+    }
+}
+
+/// The core's input for the answer `body` to message `m`. A refusal with
+/// code -1 is a transport failure whose text is already complete.
+fn answer(m: &Outgoing, body: Option<pb::delivered::Body>) -> Input {
+    use pb::delivered::Body as B;
+    let refusal = |r: pb::Refusal| {
+        if r.code == -1 { r.message } else { format!("{}: {}", code_name(tonic::Code::from_i32(r.code)), r.message) }
+    };
+    let (txn, participant) = (m.txn, m.participant.clone());
+    let _entered = m.span.enter();
+    match (&m.body, body) {
+        (pb::envelope::Body::Prepare(_), Some(B::Prepare(r))) => {
+            let vote = Vote::try_from(&r);
+            debug!(%txn, %participant, ?vote, "vote");
+            Input::Voted { txn, participant, vote }
+        }
+        (pb::envelope::Body::Prepare(_), Some(B::Refused(r))) => {
+            Input::Voted { txn, participant, vote: Err(format!("prepare failed: {}", refusal(r))) }
+        }
+        (pb::envelope::Body::Commit(_), Some(B::Commit(_))) | (pb::envelope::Body::Abort(_), Some(B::Abort(_))) => {
+            Input::Delivered { txn, participant, result: Ok(()) }
+        }
+        (body, other) => {
+            let error = match other {
+                Some(B::Refused(r)) => refusal(r),
+                _ => "the participant's answer does not match the message".to_owned(),
+            };
+            if matches!(body, pb::envelope::Body::Prepare(_)) {
+                return Input::Voted { txn, participant, vote: Err(format!("prepare failed: {error}")) };
+            }
+            let decision = if matches!(body, pb::envelope::Body::Commit(_)) { "commit" } else { "abort" };
+            warn!(%txn, %participant, %error, "phase-two delivery failed; will retry");
+            metrics::counter!(instruments::PHASE_TWO_RETRIES, "decision" => decision).increment(1);
+            Input::Delivered { txn, participant, result: Err(error) }
+        }
+    }
 }
 
 fn code_name(code: tonic::Code) -> &'static str {

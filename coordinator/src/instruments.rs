@@ -38,6 +38,8 @@ pub const PHASE_TWO_SECONDS: &str = "twopc_phase_two_seconds";
 /// Counter of failed phase-two deliveries (each is retried with backoff),
 /// by `decision`.
 pub const PHASE_TWO_RETRIES: &str = "twopc_phase_two_retries_total";
+/// Histogram: messages per `Participant.Deliver` batch sent.
+pub const DELIVER_BATCH_MESSAGES: &str = "twopc_deliver_batch_messages";
 /// Gauge of transactions begun and not yet finished (phase two included).
 pub const IN_FLIGHT: &str = "twopc_in_flight";
 /// Gauge of transactions in doubt: past phase one, phase two not finished;
@@ -75,6 +77,7 @@ fn build() -> Result<PrometheusHandle, String> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
         .and_then(|b| b.set_buckets_for_metric(Matcher::Full(twopc_storage::METRIC_BATCH_REQUESTS.into()), BATCH_BUCKETS))
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(DELIVER_BATCH_MESSAGES.into()), BATCH_BUCKETS))
         .and_then(|b| b.install_recorder())
         .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
     describe();
@@ -108,6 +111,7 @@ fn describe() {
     describe_histogram!(DECISION_WRITE_SECONDS, Unit::Seconds, "Synced write of a COMMIT decision record.");
     describe_histogram!(PHASE_TWO_SECONDS, Unit::Seconds, "Decision to the last phase-two acknowledgement, by decision.");
     describe_counter!(PHASE_TWO_RETRIES, "Failed phase-two deliveries (each is retried), by decision.");
+    describe_histogram!(DELIVER_BATCH_MESSAGES, "Prepare/Commit/Abort messages per Deliver call to a participant (batched delivery).");
     describe_gauge!(IN_FLIGHT, "Transactions begun and not finished.");
     describe_gauge!(IN_DOUBT, "Transactions past phase one whose phase two is not finished.");
     describe_gauge!(OLDEST_IN_DOUBT_SECONDS, Unit::Seconds, "Age of the oldest in-doubt transaction.");

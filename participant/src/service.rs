@@ -2,6 +2,11 @@
 //! handlers that validate, hand the request to the driver, and map the
 //! core's answer to a response or a precise status.
 //!
+//! `Deliver` carries many of those messages in one call (the coordinator
+//! batches what it sends to one participant); each is handled exactly as
+//! its own RPC would be, concurrently, and answered in order, a refusal as
+//! the status its own RPC would have returned.
+//!
 //! Each call runs in a span (`branch_prepare`, `branch_commit`,
 //! `branch_abort`; DEBUG level) carrying the transaction id and the
 //! participant's name, under the coordinator's call span when the request
@@ -62,10 +67,8 @@ fn acked(r: Reply) -> Result<(), Status> {
     }
 }
 
-#[tonic::async_trait]
-impl pb::participant_server::Participant for ParticipantService {
-    async fn prepare(&self, request: Request<pb::PrepareRequest>) -> Result<Response<pb::PrepareResponse>, Status> {
-        let r = request.into_inner();
+impl ParticipantService {
+    async fn prepare_one(&self, r: pb::PrepareRequest) -> Result<pb::PrepareResponse, Status> {
         let txn = parse_txn(&r.txn_id)?;
         let (epoch, payload, deadline) = (r.coordinator_epoch, r.payload, UnixMillis(r.deadline_unix_ms));
         let span = tracing::debug_span!("branch_prepare", txn_id = %txn, participant = %self.name, vote = tracing::field::Empty);
@@ -74,28 +77,97 @@ impl pb::participant_server::Participant for ParticipantService {
             Reply::Voted(v) => {
                 let vote = v.vote();
                 span.record("vote", tracing::field::debug(&vote));
-                Ok(Response::new(pb::PrepareResponse::from(&vote)))
+                Ok(pb::PrepareResponse::from(&vote))
             }
             Reply::Error(e) => Err(core_error(&e)),
             other => Err(unexpected(&other)),
         }
     }
 
-    async fn commit(&self, request: Request<pb::CommitBranchRequest>) -> Result<Response<pb::CommitBranchResponse>, Status> {
-        let r = request.get_ref();
+    async fn commit_one(&self, r: &pb::CommitBranchRequest) -> Result<pb::CommitBranchResponse, Status> {
         let txn = parse_txn(&r.txn_id)?;
         let epoch = r.coordinator_epoch;
         let span = tracing::debug_span!("branch_commit", txn_id = %txn, participant = %self.name);
         acked(self.call(|req| Input::Commit { req, txn, epoch }).instrument(span).await?)?;
-        Ok(Response::new(pb::CommitBranchResponse {}))
+        Ok(pb::CommitBranchResponse {})
     }
 
-    async fn abort(&self, request: Request<pb::AbortBranchRequest>) -> Result<Response<pb::AbortBranchResponse>, Status> {
-        let r = request.get_ref();
+    async fn abort_one(&self, r: &pb::AbortBranchRequest) -> Result<pb::AbortBranchResponse, Status> {
         let txn = parse_txn(&r.txn_id)?;
         let epoch = r.coordinator_epoch;
         let span = tracing::debug_span!("branch_abort", txn_id = %txn, participant = %self.name);
         acked(self.call(|req| Input::Abort { req, txn, epoch }).instrument(span).await?)?;
-        Ok(Response::new(pb::AbortBranchResponse {}))
+        Ok(pb::AbortBranchResponse {})
+    }
+
+    /// One message of a Deliver batch, under the sender's trace context.
+    async fn deliver_one(&self, envelope: pb::Envelope) -> pb::Delivered {
+        use pb::delivered::Body as Out;
+        use pb::envelope::Body as In;
+        let span = tracing::debug_span!("delivered_message", participant = %self.name);
+        twopc_telemetry::propagation::set_parent_from_map(&span, &envelope.trace_context);
+        let result = async {
+            match envelope.body {
+                Some(In::Prepare(r)) => self.prepare_one(r).await.map(Out::Prepare),
+                Some(In::Commit(r)) => self.commit_one(&r).await.map(Out::Commit),
+                Some(In::Abort(r)) => self.abort_one(&r).await.map(Out::Abort),
+                None => Err(error(Code::InvalidArgument, reason::MESSAGE_EMPTY, "an envelope carried no Prepare, Commit or Abort")),
+            }
+        }
+        .instrument(span)
+        .await;
+        let body = result.unwrap_or_else(|s| {
+            Out::Refused(pb::Refusal {
+                code: s.code() as i32,
+                message: s.message().to_owned(),
+                reason: twopc_proto::status::reason(&s).unwrap_or_default(),
+            })
+        });
+        pb::Delivered { index: 0, body: Some(body) }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::participant_server::Participant for ParticipantService {
+    async fn prepare(&self, request: Request<pb::PrepareRequest>) -> Result<Response<pb::PrepareResponse>, Status> {
+        self.prepare_one(request.into_inner()).await.map(Response::new)
+    }
+
+    async fn commit(&self, request: Request<pb::CommitBranchRequest>) -> Result<Response<pb::CommitBranchResponse>, Status> {
+        self.commit_one(request.get_ref()).await.map(Response::new)
+    }
+
+    async fn abort(&self, request: Request<pb::AbortBranchRequest>) -> Result<Response<pb::AbortBranchResponse>, Status> {
+        self.abort_one(request.get_ref()).await.map(Response::new)
+    }
+
+    type DeliverStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::Delivered, Status>> + Send>>;
+
+    async fn deliver(&self, request: Request<pb::DeliverRequest>) -> Result<Response<Self::DeliverStream>, Status> {
+        use futures::StreamExt;
+        let messages = request.into_inner().messages;
+        if messages.len() > twopc_proto::MAX_DELIVER_BATCH {
+            return Err(error(
+                Code::InvalidArgument,
+                reason::BATCH_TOO_LARGE,
+                format!("{} messages in one Deliver; at most {}", messages.len(), twopc_proto::MAX_DELIVER_BATCH),
+            ));
+        }
+        // All at once, as separate calls would run (a batch of Prepares
+        // shares one group-commit fsync); each answer goes back as soon as
+        // it is ready.
+        let n = messages.len().max(1);
+        let this = self.clone();
+        let answers = futures::stream::iter(messages.into_iter().enumerate())
+            .map(move |(index, m)| {
+                let this = this.clone();
+                async move {
+                    let mut d = this.deliver_one(m).await;
+                    d.index = u32::try_from(index).unwrap_or(u32::MAX);
+                    Ok(d)
+                }
+            })
+            .buffer_unordered(n);
+        Ok(Response::new(Box::pin(answers)))
     }
 }

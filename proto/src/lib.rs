@@ -84,7 +84,14 @@ pub mod reason {
     pub const LOCK_CONFLICT: &str = "LOCK_CONFLICT";
     /// A list filter names a transaction state that does not exist.
     pub const STATE_INVALID: &str = "STATE_INVALID";
+    /// A Deliver batch carried more messages than allowed.
+    pub const BATCH_TOO_LARGE: &str = "BATCH_TOO_LARGE";
+    /// A Deliver envelope carried no message.
+    pub const MESSAGE_EMPTY: &str = "MESSAGE_EMPTY";
 }
+
+/// Most messages one `Participant.Deliver` call may carry.
+pub const MAX_DELIVER_BATCH: usize = 1024;
 
 /// Milliseconds since the Unix epoch: the one clock that crosses processes
 /// (deadlines), and the time the protocol cores are told in every step.

@@ -8,6 +8,8 @@
 //! nothing is injected and setting a parent does nothing, so the calls cost
 //! a lookup and are always safe.
 
+use std::collections::HashMap;
+
 use opentelemetry::Context;
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::TraceContextExt;
@@ -45,6 +47,30 @@ pub fn extract(headers: &http::HeaderMap) -> Option<Context> {
 /// then starts a trace of its own.
 pub fn set_remote_parent(span: &tracing::Span, headers: &http::HeaderMap) {
     if let Some(cx) = extract(headers) {
+        let _ = span.set_parent(cx);
+    }
+}
+
+/// The trace context of `span` as key/value pairs, for messages that carry
+/// it in a field (batched messages): empty, without allocating, when the
+/// span has none.
+pub fn to_map(span: &tracing::Span) -> HashMap<String, String> {
+    let mut map = HashMap::new();
+    let cx = span.context();
+    if cx.span().span_context().is_valid() {
+        TraceContextPropagator::new().inject_context(&cx, &mut map);
+    }
+    map
+}
+
+/// Makes the trace context in `map` (from [`to_map`]) the parent of the new
+/// `span`; does nothing when there is none or it is malformed.
+pub fn set_parent_from_map(span: &tracing::Span, map: &HashMap<String, String>) {
+    if !map.contains_key(TRACEPARENT) {
+        return;
+    }
+    let cx = TraceContextPropagator::new().extract(map);
+    if cx.span().span_context().is_valid() {
         let _ = span.set_parent(cx);
     }
 }

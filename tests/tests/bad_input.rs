@@ -686,3 +686,67 @@ async fn abort_with_a_future_epoch_changes_nothing() {
     assert_eq!(done.outcome, Outcome::Committed, "an Abort for a transaction never seen made the participant refuse the current epoch");
     settled(&ps).await;
 }
+
+/// `Participant.Deliver` answers each message of a batch exactly as the
+/// message's own RPC does — the same status code and reason for a refusal —
+/// tagged with its index; an envelope without a message and an oversize
+/// batch are refused precisely; none of it changes state.
+#[tokio::test]
+async fn deliver_answers_each_message_as_its_own_rpc_would() {
+    use tp::envelope::Body;
+    let (c, ps) = second_run(&["wallet"], |_| {}).await;
+    let mut p = tp::participant_client::ParticipantClient::new(ps[0].channel());
+    let seeded = c.client().execute([("wallet", b"put balance/d 10".to_vec())], Duration::from_secs(5)).await.expect("seed");
+    assert_eq!(seeded.outcome, Outcome::Committed);
+    settled(&ps).await;
+    let epoch = seeded.txn.epoch;
+    let committed = seeded.txn.to_string();
+    // Two ids this participant never saw: a COMMIT for one is acknowledged
+    // (committed and forgotten is all it can mean), an ABORT for the other
+    // leaves a tombstone; each message is answered the same both times.
+    let (never, never_aborted) = (format!("tx-{epoch}-99991"), format!("tx-{epoch}-99992"));
+    let before = snapshot(&c, &ps).await;
+
+    let messages = vec![
+        Body::Prepare(prepare_rq("x", epoch, None, 0)),
+        Body::Commit(commit_branch_rq(&never, epoch)),
+        Body::Abort(abort_branch_rq(&committed, epoch)),
+        Body::Commit(commit_branch_rq(&committed, epoch)),
+        Body::Abort(abort_branch_rq(&never_aborted, epoch)),
+    ];
+    // What each message's own RPC answers.
+    let mut alone = Vec::new();
+    for m in &messages {
+        let r = match m.clone() {
+            Body::Prepare(r) => p.prepare(r).await.map(|_| ()),
+            Body::Commit(r) => p.commit(r).await.map(|_| ()),
+            Body::Abort(r) => p.abort(r).await.map(|_| ()),
+        };
+        alone.push(r.map_err(|s| (s.code() as i32, status::reason(&s).unwrap_or_default())));
+    }
+    let mut envelopes: Vec<tp::Envelope> = messages.into_iter().map(|b| tp::Envelope { body: Some(b), ..Default::default() }).collect();
+    envelopes.push(tp::Envelope::default());
+    let mut stream = p.deliver(tp::DeliverRequest { messages: envelopes }).await.expect("deliver").into_inner();
+    let mut got = vec![None; 6];
+    while let Some(d) = stream.message().await.expect("answers") {
+        let i = d.index as usize;
+        assert!(got[i].is_none(), "message {i} answered twice");
+        got[i] = Some(match d.body {
+            Some(tp::delivered::Body::Refused(r)) => Err((r.code, r.reason)),
+            Some(_) => Ok(()),
+            None => panic!("an answer without a body"),
+        });
+    }
+    let got: Vec<_> = got.into_iter().map(|g| g.expect("every message answered")).collect();
+    assert_eq!(&got[..5], &alone[..], "batched answers match the RPCs'");
+    assert_eq!(alone[0], Err((Code::InvalidArgument as i32, TXN_ID_MALFORMED.to_owned())));
+    assert_eq!(alone[2], Err((Code::FailedPrecondition as i32, BRANCH_COMMITTED.to_owned())));
+    assert_eq!(alone[3], Ok(()), "a repeated COMMIT is acknowledged again");
+    assert_eq!(got[5], Err((Code::InvalidArgument as i32, MESSAGE_EMPTY.to_owned())));
+
+    let too_many = vec![tp::Envelope { body: Some(Body::Abort(abort_branch_rq(&never_aborted, epoch))), ..Default::default() }; 1025];
+    let s = p.deliver(tp::DeliverRequest { messages: too_many }).await.err().expect("refused");
+    assert_eq!((s.code(), status::reason(&s).as_deref()), (Code::InvalidArgument, Some(BATCH_TOO_LARGE)), "{s:?}");
+
+    assert_unchanged(&before, &snapshot(&c, &ps).await);
+}
