@@ -459,13 +459,81 @@ struct Branch {
     incarnation: u64,
 }
 
+/// A transaction's participants, by name: a sorted vector, since a
+/// transaction has few and is held (finished) for the whole retention
+/// period, where a map's nodes would cost several times the entries.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+struct Branches(Vec<(ParticipantName, Branch)>);
+
+impl Branches {
+    fn position(&self, name: &ParticipantName) -> Result<usize, usize> {
+        self.0.binary_search_by(|(n, _)| n.cmp(name))
+    }
+
+    fn insert(&mut self, name: ParticipantName, branch: Branch) {
+        match self.position(&name) {
+            Ok(i) => self.0[i].1 = branch,
+            Err(i) => self.0.insert(i, (name, branch)),
+        }
+    }
+
+    fn get(&self, name: &ParticipantName) -> Option<&Branch> {
+        self.position(name).ok().map(|i| &self.0[i].1)
+    }
+
+    fn get_mut(&mut self, name: &ParticipantName) -> Option<&mut Branch> {
+        self.position(name).ok().map(move |i| &mut self.0[i].1)
+    }
+
+    fn get_or_insert_with(&mut self, name: ParticipantName, make: impl FnOnce() -> Branch) -> &mut Branch {
+        let i = match self.position(&name) {
+            Ok(i) => i,
+            Err(i) => {
+                self.0.insert(i, (name, make()));
+                i
+            }
+        };
+        &mut self.0[i].1
+    }
+
+    fn contains_key(&self, name: &ParticipantName) -> bool {
+        self.position(name).is_ok()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&ParticipantName, &Branch)> {
+        self.0.iter().map(|(n, b)| (n, b))
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = (&ParticipantName, &mut Branch)> {
+        self.0.iter_mut().map(|(n, b)| (&*n, b))
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Branch> {
+        self.0.iter().map(|(_, b)| b)
+    }
+}
+
+impl FromIterator<(ParticipantName, Branch)> for Branches {
+    fn from_iter<I: IntoIterator<Item = (ParticipantName, Branch)>>(items: I) -> Self {
+        let mut b = Branches::default();
+        for (name, branch) in items {
+            b.insert(name, branch);
+        }
+        b
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Txn {
     state: TxnState,
     deadline: UnixMillis,
     /// When it began (or, recovered, when it was decided).
     created: UnixMillis,
-    participants: BTreeMap<ParticipantName, Branch>,
+    participants: Branches,
     /// Commit/Execute callers waiting for the outcome.
     waiters: Vec<ReqId>,
     abort_reason: Option<AbortReason>,
@@ -539,7 +607,7 @@ impl Core {
         let mut out = Vec::new();
         self.horizon = horizon;
         for (txn, record) in records {
-            let mut participants = BTreeMap::new();
+            let mut participants = Branches::default();
             for p in record.participants {
                 let Ok(name) = ParticipantName::new(p.name) else { continue };
                 let branch = Branch {
@@ -581,7 +649,7 @@ impl Core {
     pub fn step(&mut self, now: UnixMillis, input: Input) -> Vec<Effect> {
         let mut out = Vec::new();
         match input {
-            Input::Begin { req, timeout_ms } => match self.begin(now, timeout_ms, BTreeMap::new()) {
+            Input::Begin { req, timeout_ms } => match self.begin(now, timeout_ms, Branches::default()) {
                 Ok((txn, deadline, timer)) => {
                     out.push(timer);
                     out.push(reply(req, Reply::Begun { txn, deadline }));
@@ -691,12 +759,7 @@ impl Core {
         txn.epoch < self.epoch || (txn.epoch == self.epoch && txn.seq < self.next_seq)
     }
 
-    fn begin(
-        &mut self,
-        now: UnixMillis,
-        timeout_ms: u64,
-        participants: BTreeMap<ParticipantName, Branch>,
-    ) -> Result<(TxnId, UnixMillis, Effect), CoreError> {
+    fn begin(&mut self, now: UnixMillis, timeout_ms: u64, participants: Branches) -> Result<(TxnId, UnixMillis, Effect), CoreError> {
         let timeout = if timeout_ms == 0 { self.config.default_timeout_ms } else { timeout_ms };
         if timeout > self.config.max_timeout_ms {
             return Err(CoreError::TimeoutTooLong { asked_ms: timeout, max_ms: self.config.max_timeout_ms });
@@ -764,7 +827,7 @@ impl Core {
         let Some(t) = self.txns.get_mut(&txn) else { return };
         match t.state {
             TxnState::Active => {
-                let b = t.participants.entry(participant).or_insert_with(|| Branch {
+                let b = t.participants.get_or_insert_with(participant, || Branch {
                     incarnation,
                     endpoint: endpoint.clone(),
                     payload: None,
@@ -829,12 +892,14 @@ impl Core {
             TxnState::Active => {
                 t.state = TxnState::Preparing;
                 t.waiters.push(req);
-                for (name, b) in &t.participants {
+                // The payloads leave with their Prepares: a Prepare is never
+                // sent twice, and a transaction is held long after.
+                for (name, b) in t.participants.iter_mut() {
                     out.push(Effect::SendPrepare {
                         txn,
                         participant: name.clone(),
                         endpoint: b.endpoint.clone(),
-                        payload: b.payload.clone(),
+                        payload: b.payload.take(),
                         deadline: t.deadline,
                     });
                 }

@@ -745,7 +745,7 @@ async fn deliver_answers_each_message_as_its_own_rpc_would() {
     assert_eq!(got[5], Err((Code::InvalidArgument as i32, MESSAGE_EMPTY.to_owned())));
 
     let too_many = vec![tp::Envelope { body: Some(Body::Abort(abort_branch_rq(&never_aborted, epoch))), ..Default::default() }; 1025];
-    let s = p.deliver(tp::DeliverRequest { messages: too_many }).await.err().expect("refused");
+    let Err(s) = p.deliver(tp::DeliverRequest { messages: too_many }).await else { panic!("a batch of 1025 is refused") };
     assert_eq!((s.code(), status::reason(&s).as_deref()), (Code::InvalidArgument, Some(BATCH_TOO_LARGE)), "{s:?}");
 
     assert_unchanged(&before, &snapshot(&c, &ps).await);

@@ -15,6 +15,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use twopc_coordinator::config::{DaemonConfig, LogFormat, Options};
 
+/// mimalloc: the profile showed a sixth of each process's CPU in the
+/// system allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Two-phase-commit coordinator with an embedded RocksDB decision log.
 ///
 /// Every option can also be set with the environment variable named in its
