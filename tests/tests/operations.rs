@@ -86,16 +86,21 @@ async fn start_services(dir: &Path, coordinator: &str) -> Vec<Proc> {
     ps
 }
 
+/// The daemon on free loopback ports with its data under `dir`.
+async fn start_coordinator(dir: &Path) -> Proc {
+    let args: Vec<String> =
+        ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--data-dir", &dir.join("c").display().to_string()]
+            .map(String::from)
+            .to_vec();
+    Proc::start("coordinator", &binary("twopc-coordinator").expect("built"), &args, &dir.join("c.log"), WITHIN)
+        .await
+        .expect("coordinator starts")
+}
+
 #[tokio::test]
 async fn admin_listener_serves_metrics_health_and_readiness() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let args: Vec<String> =
-        ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--data-dir", &dir.path().join("c").display().to_string()]
-            .map(String::from)
-            .to_vec();
-    let mut c = Proc::start("coordinator", &binary("twopc-coordinator").expect("built"), &args, &dir.path().join("c.log"), WITHIN)
-        .await
-        .expect("coordinator starts");
+    let mut c = start_coordinator(dir.path()).await;
     let admin: SocketAddr = c
         .next_line("admin listening on ", WITHIN)
         .await
@@ -311,13 +316,7 @@ async fn listed(url: &str, filters: &[&str]) -> Vec<String> {
 #[tokio::test]
 async fn show_gives_the_timeline_and_list_filters_by_state_age_and_participant() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let args: Vec<String> =
-        ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--data-dir", &dir.path().join("c").display().to_string()]
-            .map(String::from)
-            .to_vec();
-    let mut c = Proc::start("coordinator", &binary("twopc-coordinator").expect("built"), &args, &dir.path().join("c.log"), WITHIN)
-        .await
-        .expect("coordinator starts");
+    let mut c = start_coordinator(dir.path()).await;
     let mut ps = start_services(dir.path(), &c.url()).await;
     let url = c.url();
     let id =
