@@ -13,6 +13,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use twopc_examples::pb::DebitRequest;
+use twopc_examples::pb::wallet_client::WalletClient;
+use twopc_participant::TxnInterceptor;
 use twopc_examples::procs::{Proc, binary};
 
 const WITHIN: Duration = Duration::from_secs(60);
@@ -391,6 +394,46 @@ async fn show_gives_the_timeline_and_list_filters_by_state_age_and_participant()
     let kinds: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
     assert_eq!(kinds, ["BEGUN", "ABORT_REQUESTED", "ABORTED", "FINISHED"], "{events:?}");
     assert_eq!(events[1].2, "operator");
+
+    // One run from code: Begin, a business call under it (the service
+    // enlists), Commit — the timeline has each step, in order.
+    let (code, out, err) = twopc(&url, &["begin"]).await;
+    assert_eq!(code, 0, "{err}");
+    let coded = out.trim().to_owned();
+    let channel = tonic::transport::Endpoint::from_shared(ps[0].url()).expect("an endpoint").connect().await.expect("connects");
+    WalletClient::with_interceptor(channel, TxnInterceptor::new(coded.parse().expect("an id")))
+        .debit(DebitRequest { account: "t".into(), amount: 1, order_id: "s1".into() })
+        .await
+        .expect("the debit runs under the transaction");
+    let (code, _, err) = twopc(&url, &["commit", &coded]).await;
+    assert_eq!(code, 0, "{err}");
+    let give_up = tokio::time::Instant::now() + WITHIN;
+    let events = loop {
+        let events = timeline(&url, &coded).await.1;
+        if events.iter().any(|(k, _, _)| k == "FINISHED") {
+            break events;
+        }
+        assert!(tokio::time::Instant::now() < give_up, "phase two of {coded} did not finish: {events:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let steps: Vec<(&str, &str)> = events.iter().map(|(k, p, _)| (k.as_str(), p.as_str())).collect();
+    assert_eq!(
+        steps,
+        [
+            ("BEGUN", ""),
+            ("ENLISTED", "wallet"),
+            ("COMMIT_REQUESTED", ""),
+            ("PREPARE_SENT", "wallet"),
+            ("VOTED", "wallet"),
+            ("DECISION_WRITE_STARTED", ""),
+            ("COMMITTED", ""),
+            ("DECISION_SENT", "wallet"),
+            ("ACKNOWLEDGED", "wallet"),
+            ("FINISHED", ""),
+        ],
+        "{events:?}"
+    );
+    assert_eq!(events[1].2, ps[0].url(), "the enlistment names the endpoint");
 
     for p in ps.iter_mut() {
         p.terminate(Duration::from_secs(10)).await.expect("service stops");
