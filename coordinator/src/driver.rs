@@ -44,6 +44,7 @@ use twopc_telemetry::propagation;
 use crate::core::{Core, Effect, Input, PhaseTwo, Reply, ReqId, Timer, TxnState};
 use crate::instruments;
 use crate::log::DecisionLog;
+use crate::service::Registry;
 use crate::timeline::{Event, Seen, Timelines, Track, vote_detail};
 
 /// Per-call limits of the driver's outgoing RPCs.
@@ -139,7 +140,7 @@ impl Handle {
 }
 
 /// Starts the driver for `core`, replaying `recovery` effects first.
-pub fn spawn(core: Core, recovery: Vec<Effect>, log: DecisionLog, config: DriverConfig) -> Handle {
+pub fn spawn(core: Core, recovery: Vec<Effect>, log: DecisionLog, registry: Registry, config: DriverConfig) -> Handle {
     let (tx, rx) = mpsc::channel(16_384);
     let (events, _) = tokio::sync::broadcast::channel(4096);
     let handle = Handle { tx: tx.clone(), next_req: Arc::new(AtomicU64::new(1)), events: events.clone() };
@@ -147,6 +148,7 @@ pub fn spawn(core: Core, recovery: Vec<Effect>, log: DecisionLog, config: Driver
         core,
         log,
         tracks: Timelines::new(config.finished_timelines),
+        registry,
         config,
         tx,
         pending: HashMap::new(),
@@ -165,7 +167,13 @@ struct Driver {
     config: DriverConfig,
     tx: mpsc::Sender<Msg>,
     pending: HashMap<ReqId, oneshot::Sender<Reply>>,
-    clients: HashMap<String, ParticipantClient<Channel>>,
+    /// Where participants are registered now: phase-two messages go to a
+    /// participant's current address, which may differ from the one it
+    /// enlisted or was logged with (it restarted elsewhere).
+    registry: Registry,
+    /// One long-lived channel per participant endpoint, with when it was
+    /// last used: idle ones are closed after [`IDLE_CHANNEL`].
+    clients: HashMap<String, (ParticipantClient<Channel>, Instant)>,
     /// Each unfinished transaction's timeline, spans and phase clock
     /// readings (for the latency histograms); and the recent finished
     /// timelines.
@@ -189,6 +197,10 @@ struct Lane {
     /// in the next batch.
     sending: bool,
 }
+
+/// How long a participant endpoint's channel stays open unused: endpoints of
+/// participants that moved or went away are not kept forever.
+const IDLE_CHANNEL: Duration = Duration::from_secs(600);
 
 /// Most messages the event loop takes in one turn before it sends the
 /// batches they made.
@@ -282,6 +294,7 @@ impl Driver {
                 biased;
                 _ = gauges.tick() => {
                     self.refresh_gauges();
+                    self.close_idle_channels();
                     continue;
                 }
                 _ = twopc_storage::timers::sleep_until(next_timer) => {
@@ -505,6 +518,19 @@ impl Driver {
         }
     }
 
+    /// Closes the channels of endpoints unused for [`IDLE_CHANNEL`] (and
+    /// drops their empty outboxes); a later message reopens one.
+    fn close_idle_channels(&mut self) {
+        let now = Instant::now();
+        let outboxes = &self.outboxes;
+        self.clients.retain(|endpoint, (_, used)| {
+            let busy = outboxes.get(endpoint).is_some_and(|l| l.sending || !l.queue.is_empty());
+            busy || now.saturating_duration_since(*used) < IDLE_CHANNEL
+        });
+        let clients = &self.clients;
+        self.outboxes.retain(|endpoint, l| l.sending || !l.queue.is_empty() || clients.contains_key(endpoint));
+    }
+
     /// Sets the gauges that need a scan of the core.
     fn refresh_gauges(&self) {
         let (in_doubt, oldest_ms) = self.core.in_doubt_summary(UnixMillis::now());
@@ -514,7 +540,8 @@ impl Driver {
     }
 
     fn client(&mut self, endpoint: &str) -> Result<ParticipantClient<Channel>, String> {
-        if let Some(c) = self.clients.get(endpoint) {
+        if let Some((c, used)) = self.clients.get_mut(endpoint) {
+            *used = Instant::now();
             return Ok(c.clone());
         }
         let ep = Endpoint::from_shared(endpoint.to_owned())
@@ -523,7 +550,7 @@ impl Driver {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30));
         let client = ParticipantClient::new(ep.connect_lazy());
-        self.clients.insert(endpoint.to_owned(), client.clone());
+        self.clients.insert(endpoint.to_owned(), (client.clone(), Instant::now()));
         Ok(client)
     }
 
@@ -619,6 +646,7 @@ impl Driver {
                 self.enqueue(endpoint, Outgoing { txn, participant, body, span, timeout });
             }
             Effect::SendDecision { txn, participant, endpoint, decision } => {
+                let endpoint = self.registry.get(&participant).unwrap_or(endpoint);
                 let what = if matches!(decision, PhaseTwo::Commit(_)) { "COMMIT" } else { "ABORT" };
                 let span = match self.tracks.live.get_mut(&txn) {
                     Some(t) => {

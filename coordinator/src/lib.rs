@@ -173,7 +173,7 @@ pub async fn run_with_admin(
     let recovery = core.recover(UnixMillis::now(), records, log.horizon()?);
     tracing::info!(epoch, resuming = pending, data_dir = %config.data_dir.display(), "decision log recovered");
     let driver_config = DriverConfig { prepare_rpc_timeout: config.prepare_timeout, ..DriverConfig::default() };
-    let handle = driver::spawn(core, recovery, log.clone(), driver_config);
+    let handle = driver::spawn(core, recovery, log.clone(), registry.clone(), driver_config);
     let service = CoordinatorService::new(
         handle.clone(),
         registry,

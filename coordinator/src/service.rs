@@ -46,7 +46,8 @@ impl Registry {
         Registry { map: Arc::new(RwLock::new(entries.into_iter().collect())) }
     }
 
-    fn get(&self, name: &ParticipantName) -> Option<String> {
+    /// Where `name` is registered now, if it is.
+    pub fn get(&self, name: &ParticipantName) -> Option<String> {
         self.map.read().ok()?.get(name).cloned()
     }
 

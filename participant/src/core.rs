@@ -104,8 +104,8 @@ pub enum Input {
     Enlisted {
         /// The transaction.
         txn: TxnId,
-        /// Deadline, or the refusal.
-        result: Result<UnixMillis, String>,
+        /// Deadline, or why not.
+        result: Result<UnixMillis, EnlistError>,
     },
     /// Phase one from the coordinator.
     Prepare {
@@ -274,6 +274,17 @@ pub enum Reply {
     Error(CoreError),
 }
 
+/// Why an Enlist did not succeed.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum EnlistError {
+    /// The coordinator answered no (enlistment closed, unknown
+    /// transaction, …).
+    Refused(String),
+    /// The coordinator could not be reached, or its answer was lost: the
+    /// caller may retry.
+    Unreachable(String),
+}
+
 /// Refusals. Each maps to one gRPC code.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CoreError {
@@ -284,6 +295,14 @@ pub enum CoreError {
         /// The transaction.
         txn: TxnId,
         /// Why.
+        why: String,
+    },
+    /// The coordinator could not be reached to enlist: retry later.
+    #[error("cannot join transaction {txn}: the coordinator is unreachable ({why})")]
+    CoordinatorUnreachable {
+        /// The transaction.
+        txn: TxnId,
+        /// The transport error.
         why: String,
     },
     /// Commit for a branch that is not prepared here.
@@ -503,7 +522,7 @@ impl Core {
         }
     }
 
-    fn enlisted(&mut self, out: &mut Vec<Effect>, now: UnixMillis, txn: TxnId, result: Result<UnixMillis, String>) {
+    fn enlisted(&mut self, out: &mut Vec<Effect>, now: UnixMillis, txn: TxnId, result: Result<UnixMillis, EnlistError>) {
         let Some(b) = self.branches.get_mut(&txn) else { return };
         if b.phase != Phase::Joining {
             return;
@@ -518,11 +537,18 @@ impl Core {
                 }
                 out.push(Effect::SetTimer { at: deadline.max(now), timer: Timer::Deadline(txn) });
             }
-            Err(why) => {
-                // Nothing was done under the transaction yet: forget it.
+            Err(e) => {
+                // Nothing was done under the transaction yet: forget it. (If
+                // an unanswered Enlist did reach the coordinator, this
+                // participant votes NO on the Prepare of work it does not
+                // hold; a retried call enlists again.)
                 self.branches.remove(&txn);
+                let error = match e {
+                    EnlistError::Refused(why) => CoreError::JoinRefused { txn, why },
+                    EnlistError::Unreachable(why) => CoreError::CoordinatorUnreachable { txn, why },
+                };
                 for w in waiters {
-                    out.push(reply(w, Reply::Error(CoreError::JoinRefused { txn, why: why.clone() })));
+                    out.push(reply(w, Reply::Error(error.clone())));
                 }
             }
         }

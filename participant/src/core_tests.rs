@@ -176,7 +176,7 @@ impl H {
         (req, self.step(now, Input::Join { req, txn }))
     }
 
-    fn enlisted(&mut self, now: UnixMillis, txn: TxnId, result: Result<UnixMillis, String>) -> Vec<Fx> {
+    fn enlisted(&mut self, now: UnixMillis, txn: TxnId, result: Result<UnixMillis, EnlistError>) -> Vec<Fx> {
         self.step(now, Input::Enlisted { txn, result })
     }
 
@@ -338,7 +338,7 @@ fn enlisted_err_refuses_every_waiter_and_forgets_the_branch() {
     let mut h = H::new();
     let (r1, _) = h.join(T0, TX);
     let (r2, _) = h.join(at(1), TX);
-    let fx = h.enlisted(at(5), TX, Err("transaction tx-5-1 no longer accepts participants".into()));
+    let fx = h.enlisted(at(5), TX, Err(EnlistError::Refused("transaction tx-5-1 no longer accepts participants".into())));
     let refused = CoreError::JoinRefused { txn: TX, why: "transaction tx-5-1 no longer accepts participants".into() };
     assert_eq!(fx, vec![err(r1, refused.clone()), err(r2, refused)]);
     assert_eq!(h.core.phase(TX), None);
@@ -350,13 +350,24 @@ fn enlisted_err_refuses_every_waiter_and_forgets_the_branch() {
 }
 
 #[test]
+fn an_unreachable_coordinator_makes_the_join_retryable_and_forgets_the_branch() {
+    let mut h = H::new();
+    let (r, _) = h.join(T0, TX);
+    let fx = h.enlisted(at(5), TX, Err(EnlistError::Unreachable("tcp connect error".into())));
+    assert_eq!(fx, vec![err(r, CoreError::CoordinatorUnreachable { txn: TX, why: "tcp connect error".into() })]);
+    assert_eq!(h.core.phase(TX), None, "nothing was done under it");
+    let (_, fx) = h.join(at(7), TX);
+    assert_eq!(fx, vec![Fx::Enlist(TX)], "a retried call enlists again");
+}
+
+#[test]
 fn enlisted_for_unknown_or_not_joining_is_ignored() {
     let mut h = H::new();
     assert_eq!(h.enlisted(T0, TX, Ok(dl())), vec![]);
     assert_eq!(h.core.phase(TX), None);
     let _ = h.active();
     assert_eq!(h.enlisted(at(6), TX, Ok(at(99_999))), vec![], "a duplicate answer");
-    assert_eq!(h.enlisted(at(6), TX, Err("x".into())), vec![], "a contradicting duplicate answer");
+    assert_eq!(h.enlisted(at(6), TX, Err(EnlistError::Refused("x".into()))), vec![], "a contradicting duplicate answer");
     assert_eq!(h.core.phase(TX), Some(Phase::Active));
     let (r, fx) = h.join(at(7), TX);
     assert_eq!(fx, vec![Fx::Reply(r, R::Joined(dl()))], "the first deadline stays");
@@ -1719,8 +1730,11 @@ impl Explorer {
             }
             10..=17 => {
                 if let Some(txn) = self.rng.take(&mut self.enlists) {
-                    let result =
-                        if self.rng.chance(80) { Ok(self.now.plus(self.rng.below(20_000))) } else { Err("enlistment closed".into()) };
+                    let result = if self.rng.chance(80) {
+                        Ok(self.now.plus(self.rng.below(20_000)))
+                    } else {
+                        Err(EnlistError::Refused("enlistment closed".into()))
+                    };
                     self.apply(Input::Enlisted { txn, result });
                 }
             }

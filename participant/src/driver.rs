@@ -28,7 +28,7 @@ use twopc_proto::pb::coordinator_client::CoordinatorClient;
 use twopc_proto::{Decision, ParticipantName, TxnId, UnixMillis, pb};
 use twopc_storage::{Batch, Durability, LogStore, wait};
 
-use crate::core::{Core, Effect, Input, Reply, ReqId, SentVote};
+use crate::core::{Core, Effect, EnlistError, Input, Reply, ReqId, SentVote};
 use crate::resource::Resource;
 
 /// Column family of the branch log.
@@ -262,7 +262,18 @@ impl Driver {
                         twopc_telemetry::propagation::inject(&call_span, req.metadata_mut());
                         let result = match c.enlist(req).await {
                             Ok(r) => Ok(UnixMillis(r.get_ref().deadline_unix_ms)),
-                            Err(s) => Err(format!("the coordinator refused enlistment: {}", s.message())),
+                            Err(s)
+                                if matches!(
+                                    s.code(),
+                                    tonic::Code::Unavailable
+                                        | tonic::Code::DeadlineExceeded
+                                        | tonic::Code::Cancelled
+                                        | tonic::Code::Unknown
+                                ) =>
+                            {
+                                Err(EnlistError::Unreachable(s.message().to_owned()))
+                            }
+                            Err(s) => Err(EnlistError::Refused(format!("the coordinator refused enlistment: {}", s.message()))),
                         };
                         Input::Enlisted { txn, result }
                     }

@@ -51,6 +51,7 @@ pub fn core_error(e: &CoreError) -> Status {
         CoreError::NotPrepared { .. } => (Code::FailedPrecondition, reason::BRANCH_NOT_PREPARED),
         CoreError::AlreadyCommitted(_) => (Code::FailedPrecondition, reason::BRANCH_COMMITTED),
         CoreError::Unavailable(_) => (Code::Unavailable, reason::PARTICIPANT_UNAVAILABLE),
+        CoreError::CoordinatorUnreachable { .. } => (Code::Unavailable, reason::COORDINATOR_UNAVAILABLE),
     };
     error(code, r, e.to_string())
 }

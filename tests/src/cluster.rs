@@ -80,6 +80,15 @@ impl Node {
         }
     }
 
+    /// Makes the process advertise `url` as its endpoint from its next
+    /// start on (a participant that moved).
+    pub fn set_advertise(&mut self, url: &str) {
+        match self.args.iter().position(|a| a == "--advertise") {
+            Some(i) if i + 1 < self.args.len() => self.args[i + 1] = url.to_owned(),
+            _ => self.args.extend(["--advertise".to_owned(), url.to_owned()]),
+        }
+    }
+
     /// `http://ADDR`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)

@@ -333,3 +333,38 @@ async fn a_participant_that_lost_unprepared_work_aborts_the_transaction() {
     assert_eq!(snaps[0].entries.get("balance/x").map(String::as_str), Some("100"), "nothing applied");
     cluster.stop().await.expect("stop");
 }
+
+/// A participant that dies while applying COMMIT and comes back on another
+/// address (its old one stays dead) still gets the decision from the
+/// coordinator, which sends phase two to where the participant is
+/// registered now: the transaction leaves the in-doubt list, and is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn phase_two_follows_a_participant_that_restarts_on_a_new_address() {
+    let bank = Bank { services: NAMES.iter().map(|s| (*s).to_owned()).collect(), accounts: 1, initial: 1000 };
+    let mut cluster = ProcCluster::start(&NAMES, ClusterOptions { proxies: true, ..ClusterOptions::default() }).await.expect("cluster");
+    let client = cluster.client().expect("client");
+    assert_eq!(client.execute(bank.seed(), Duration::from_secs(5)).await.expect("seed").outcome, Outcome::Committed);
+    cluster.quiesce(Duration::from_secs(30)).await.expect("seeded");
+
+    let a = cluster.participant("bank-a").expect("bank-a");
+    a.kill().await.expect("kill");
+    a.start(Some("participant::before_outcome_apply=return")).await.expect("arm");
+    let t = Transfer { id: "m1".into(), legs: vec![(0, 0, -10), (1, 0, 5), (2, 0, 5)], extra: None };
+    let told = client.execute(bank.branches(&t), Duration::from_secs(5)).await.expect("answered");
+    assert_eq!(told.outcome, Outcome::Committed, "decided before bank-a applied it");
+    let a = cluster.participant("bank-a").expect("bank-a");
+    assert!(a.wait_exit(Duration::from_secs(15)).await.expect("wait"), "bank-a died applying COMMIT");
+
+    // Its old address goes dark for good; it comes back advertising its own.
+    cluster.participant_proxies[0].cut();
+    let a = cluster.participant("bank-a").expect("bank-a");
+    let moved = a.url();
+    a.set_advertise(&moved);
+    a.start(None).await.expect("restart on the new address");
+    let (settled, snaps) = cluster.quiesce(Duration::from_secs(30)).await.expect("the coordinator reaches bank-a at its new address");
+    let verdict = check(&bank, &[(t, Told::Committed)], &snaps);
+    assert!(verdict.violations.is_empty(), "{:?}", verdict.violations);
+    assert_eq!(verdict.applied, 1);
+    println!("settled {settled:?} after bank-a came back on {moved}");
+    cluster.stop().await.expect("stop");
+}

@@ -15,8 +15,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use twopc_examples::pb::DebitRequest;
 use twopc_examples::pb::wallet_client::WalletClient;
-use twopc_participant::TxnInterceptor;
 use twopc_examples::procs::{Proc, binary};
+use twopc_participant::TxnInterceptor;
 
 const WITHIN: Duration = Duration::from_secs(60);
 

@@ -1220,7 +1220,7 @@ mod part {
     use std::panic::{AssertUnwindSafe, catch_unwind};
 
     use proptest::prelude::*;
-    use twopc_participant::core::{Core, CoreConfig, CoreError, Effect, Input, Phase, Reply, ReqId, SentVote, Timer};
+    use twopc_participant::core::{Core, CoreConfig, CoreError, Effect, EnlistError, Input, Phase, Reply, ReqId, SentVote, Timer};
     use twopc_proto::logpb::{BranchRecord, BranchState};
     use twopc_proto::{Decision, TxnId, UnixMillis, Vote};
 
@@ -1497,7 +1497,7 @@ mod part {
                     let now = self.now;
                     let t = self.txn(txn);
                     let open = txn.epoch == env_epoch && t.decision.is_none() && !t.prepare_sent && now < deadline_of(txn);
-                    let result = if ok && open { Ok(deadline_of(txn)) } else { Err("enlistment closed".to_owned()) };
+                    let result = if ok && open { Ok(deadline_of(txn)) } else { Err(EnlistError::Refused("enlistment closed".to_owned())) };
                     self.feed(Input::Enlisted { txn, result })
                 }
                 Op::Prepare { k, payload } => {

@@ -342,3 +342,21 @@ async fn prepare_while_a_call_is_still_running_votes_no() {
     settled(std::slice::from_ref(&p)).await;
     assert_eq!(p.get("balance/x").as_deref(), Some("100"), "neither transaction applied anything");
 }
+
+/// A business call whose service cannot reach the coordinator to enlist is
+/// answered UNAVAILABLE (COORDINATOR_UNAVAILABLE), which an initiator may
+/// retry, not FAILED_PRECONDITION; nothing is left behind.
+#[tokio::test]
+async fn a_call_while_the_coordinator_is_down_is_retryable() {
+    // A short drain: the open transaction would otherwise hold the stop.
+    let c = TestCoordinator::start(|c| c.drain_timeout = Duration::from_millis(100)).await;
+    let ps = [TestParticipant::start("wallet", &c.url()).await];
+    let txn = c.client().begin(Duration::from_secs(30)).await.expect("begin");
+    let dir = c.stop().await;
+    let mut wallet = pb::wallet_client::WalletClient::with_interceptor(ps[0].channel(), txn.interceptor());
+    let call = || pb::DebitRequest { account: "zed".into(), amount: 0, order_id: "o1".into() };
+    let s = wallet.debit(call()).await.expect_err("cannot enlist");
+    assert_eq!((s.code(), status::reason(&s).as_deref()), (Code::Unavailable, Some(reason::COORDINATOR_UNAVAILABLE)), "{s:?}");
+    assert_eq!(ps[0].kv.locked_keys(), 0, "nothing was done under the transaction");
+    drop(dir);
+}
