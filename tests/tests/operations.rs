@@ -299,6 +299,19 @@ async fn timeline(url: &str, txn: &str) -> (serde_json::Value, Vec<(String, Stri
     (v, events)
 }
 
+/// The timeline of `txn` once its phase two finished (polled).
+async fn finished_timeline(url: &str, txn: &str) -> Vec<(String, String, String)> {
+    let give_up = tokio::time::Instant::now() + WITHIN;
+    loop {
+        let events = timeline(url, txn).await.1;
+        if events.iter().any(|(k, _, _)| k == "FINISHED") {
+            return events;
+        }
+        assert!(tokio::time::Instant::now() < give_up, "phase two of {txn} did not finish: {events:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Position of the first event of `kind` (for `participant`, when given).
 fn at(events: &[(String, String, String)], kind: &str, participant: &str) -> usize {
     events
@@ -338,15 +351,7 @@ async fn show_gives_the_timeline_and_list_filters_by_state_age_and_participant()
 
     // The committed one, once phase two is over: each participant's
     // Prepare, vote, COMMIT and acknowledgement in protocol order.
-    let give_up = tokio::time::Instant::now() + WITHIN;
-    let events = loop {
-        let events = timeline(&url, &committed).await.1;
-        if events.iter().any(|(k, _, _)| k == "FINISHED") {
-            break events;
-        }
-        assert!(tokio::time::Instant::now() < give_up, "phase two of {committed} did not finish: {events:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let events = finished_timeline(&url, &committed).await;
     assert_eq!(at(&events, "BEGUN", ""), 0, "{events:?}");
     assert!(events[0].2.contains("execute on orders, wallet") || events[0].2.contains("execute on wallet, orders"), "{events:?}");
     let decided = at(&events, "COMMITTED", "");
@@ -407,15 +412,7 @@ async fn show_gives_the_timeline_and_list_filters_by_state_age_and_participant()
         .expect("the debit runs under the transaction");
     let (code, _, err) = twopc(&url, &["commit", &coded]).await;
     assert_eq!(code, 0, "{err}");
-    let give_up = tokio::time::Instant::now() + WITHIN;
-    let events = loop {
-        let events = timeline(&url, &coded).await.1;
-        if events.iter().any(|(k, _, _)| k == "FINISHED") {
-            break events;
-        }
-        assert!(tokio::time::Instant::now() < give_up, "phase two of {coded} did not finish: {events:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let events = finished_timeline(&url, &coded).await;
     let steps: Vec<(&str, &str)> = events.iter().map(|(k, p, _)| (k.as_str(), p.as_str())).collect();
     assert_eq!(
         steps,
