@@ -574,14 +574,6 @@ impl Driver {
         }
     }
 
-    fn internal(&self, fut: impl Future<Output = Input> + Send + 'static) {
-        let tx = self.tx.clone();
-        tokio::spawn(async move {
-            let input = fut.await;
-            let _ = tx.send(Msg::Internal(input)).await;
-        });
-    }
-
     fn perform(&mut self, effect: Effect) {
         match effect {
             Effect::Reply { req, reply } => {
@@ -596,37 +588,52 @@ impl Driver {
                         t.push(pb::TimelineEventKind::DecisionWriteStarted, None, "");
                         t.write = tracing::debug_span!(parent: &t.span, "decision_write", txn_id = %txn);
                     }
-                    let ticket = self.log.persist(txn, &record, true);
                     let started = Instant::now();
-                    self.internal(async move {
-                        match twopc_storage::wait(ticket).await {
-                            Ok(()) => {
-                                metrics::histogram!(instruments::DECISION_WRITE_SECONDS).record(started.elapsed().as_secs_f64());
-                                Input::Durable { txn }
-                            }
-                            Err(e) => {
-                                error!(%txn, error = %e, "decision write failed");
-                                Input::PersistFailed { txn, error: e.to_string() }
-                            }
-                        }
-                    });
+                    let (tx, runtime) = (self.tx.clone(), tokio::runtime::Handle::current());
+                    // Straight from the log's writer thread into the driver's
+                    // queue: no task between the fsync and the decision.
+                    self.log.persist_then(
+                        txn,
+                        &record,
+                        true,
+                        Box::new(move |result| {
+                            let input = match result {
+                                Ok(()) => {
+                                    metrics::histogram!(instruments::DECISION_WRITE_SECONDS).record(started.elapsed().as_secs_f64());
+                                    Input::Durable { txn }
+                                }
+                                Err(e) => {
+                                    error!(%txn, error = %e, "decision write failed");
+                                    Input::PersistFailed { txn, error: e.to_string() }
+                                }
+                            };
+                            notify(&tx, &runtime, Msg::Internal(input));
+                        }),
+                    );
                 } else {
                     twopc_storage::crash_point!("coordinator::before_end_write");
-                    let ticket = self.log.persist(txn, &record, false);
-                    tokio::spawn(async move {
-                        if let Err(e) = twopc_storage::wait(ticket).await {
-                            warn!(%txn, error = %e, "END record write failed; it is rewritten after a restart");
-                        }
-                    });
+                    self.log.persist_then(
+                        txn,
+                        &record,
+                        false,
+                        Box::new(move |result| {
+                            if let Err(e) = result {
+                                warn!(%txn, error = %e, "END record write failed; it is rewritten after a restart");
+                            }
+                        }),
+                    );
                 }
             }
             Effect::ForgetDecision { txn, horizon } => {
-                let ticket = self.log.forget(txn, horizon);
-                tokio::spawn(async move {
-                    if let Err(e) = twopc_storage::wait(ticket).await {
-                        warn!(%txn, error = %e, "could not delete a finished decision record; it is retried after a restart");
-                    }
-                });
+                self.log.forget_then(
+                    txn,
+                    horizon,
+                    Box::new(move |result| {
+                        if let Err(e) = result {
+                            warn!(%txn, error = %e, "could not delete a finished decision record; it is retried after a restart");
+                        }
+                    }),
+                );
             }
             Effect::SendPrepare { txn, participant, endpoint, payload, deadline } => {
                 let span = match self.tracks.live.get_mut(&txn) {
@@ -668,6 +675,17 @@ impl Driver {
             }
             Effect::SetTimer { at, timer } => self.timers.set(at.0, timer),
         }
+    }
+}
+
+/// Hands `msg` to the driver from a thread outside the runtime (the log
+/// writer's): at once when its queue has room, else from a task.
+fn notify(tx: &mpsc::Sender<Msg>, runtime: &tokio::runtime::Handle, msg: Msg) {
+    if let Err(mpsc::error::TrySendError::Full(msg)) = tx.try_send(msg) {
+        let tx = tx.clone();
+        runtime.spawn(async move {
+            let _ = tx.send(msg).await;
+        });
     }
 }
 

@@ -127,9 +127,19 @@ impl DecisionLog {
 
     /// Submits a decision record.
     pub fn persist(&self, txn: TxnId, record: &DecisionRecord, synced: bool) -> WriteTicket {
+        self.store.submit(Self::record_batch(txn, record), if synced { Durability::Synced } else { Durability::Lazy })
+    }
+
+    /// Like [`DecisionLog::persist`], with `done` called on the writer's
+    /// thread once the outcome is known.
+    pub fn persist_then(&self, txn: TxnId, record: &DecisionRecord, synced: bool, done: twopc_storage::Completion) {
+        self.store.submit_then(Self::record_batch(txn, record), if synced { Durability::Synced } else { Durability::Lazy }, done)
+    }
+
+    fn record_batch(txn: TxnId, record: &DecisionRecord) -> Batch {
         let mut b = Batch::new();
         b.put(CF_DECISIONS, txn.to_key().to_vec(), record.encode_to_vec());
-        self.store.submit(b, if synced { Durability::Synced } else { Durability::Lazy })
+        b
     }
 
     /// The garbage-collection horizon: the highest id whose record was
@@ -146,10 +156,20 @@ impl DecisionLog {
     /// Deletes a finished transaction's record and raises the horizon, in
     /// one lazy batch.
     pub fn forget(&self, txn: TxnId, horizon: TxnId) -> WriteTicket {
+        self.store.submit(Self::forget_batch(txn, horizon), Durability::Lazy)
+    }
+
+    /// Like [`DecisionLog::forget`], with `done` called on the writer's
+    /// thread once the outcome is known.
+    pub fn forget_then(&self, txn: TxnId, horizon: TxnId, done: twopc_storage::Completion) {
+        self.store.submit_then(Self::forget_batch(txn, horizon), Durability::Lazy, done)
+    }
+
+    fn forget_batch(txn: TxnId, horizon: TxnId) -> Batch {
         let mut b = Batch::new();
         b.delete(CF_DECISIONS, txn.to_key().to_vec());
         b.put(CF_META, HORIZON_KEY.to_vec(), horizon.to_key().to_vec());
-        self.store.submit(b, Durability::Lazy)
+        b
     }
 
     /// The participant registry.

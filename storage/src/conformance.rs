@@ -52,6 +52,21 @@ pub async fn run(store: &dyn LogStore) {
     assert!(matches!(err, Err(StorageError::UnknownColumnFamily(_))), "unknown column family is refused: {err:?}");
     assert_eq!(store.get(CF_A, b"half").expect("get"), None, "a refused batch writes nothing");
 
+    // submit_then: the completion hears the same outcome a ticket would,
+    // once the write is readable; an unknown column family fails alone.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let mut b = Batch::new();
+    b.put(CF_B, b"then".to_vec(), b"v".to_vec());
+    store.submit_then(b, Durability::Synced, Box::new(move |r| drop(tx.send(r))));
+    rx.await.expect("the completion runs").expect("the write succeeds");
+    assert_eq!(store.get(CF_B, b"then").expect("get"), Some(b"v".to_vec()), "written when the completion hears Ok");
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let mut bad = Batch::new();
+    bad.put("no_such_cf", b"k".to_vec(), b"v".to_vec());
+    store.submit_then(bad, Durability::Lazy, Box::new(move |r| drop(tx.send(r))));
+    let err = rx.await.expect("the completion runs");
+    assert!(matches!(err, Err(StorageError::UnknownColumnFamily(_))), "{err:?}");
+
     let stats = store.stats();
     assert!(stats.requests >= 202 && stats.writes >= 1 && stats.writes <= stats.requests, "counters add up: {stats:?}");
 }

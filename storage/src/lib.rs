@@ -141,6 +141,26 @@ pub enum Durability {
 /// Resolves when a submitted batch is written with the asked durability.
 pub type WriteTicket = tokio::sync::oneshot::Receiver<Result<(), StorageError>>;
 
+/// What [`LogStore::submit_then`] calls with a write's outcome.
+pub type Completion = Box<dyn FnOnce(Result<(), StorageError>) + Send + 'static>;
+
+/// Who hears a write's outcome.
+enum Done {
+    Ticket(tokio::sync::oneshot::Sender<Result<(), StorageError>>),
+    Call(Completion),
+}
+
+impl Done {
+    fn finish(self, result: Result<(), StorageError>) {
+        match self {
+            Done::Ticket(tx) => {
+                let _ = tx.send(result);
+            }
+            Done::Call(f) => f(result),
+        }
+    }
+}
+
 /// Waits for a ticket, mapping a dropped writer to [`StorageError::Closed`].
 pub async fn wait(ticket: WriteTicket) -> Result<(), StorageError> {
     ticket.await.unwrap_or(Err(StorageError::Closed))
@@ -162,6 +182,11 @@ pub struct WriterStats {
 pub trait LogStore: Send + Sync + 'static {
     /// Submits a batch. Never blocks; the ticket resolves when written.
     fn submit(&self, batch: Batch, durability: Durability) -> WriteTicket;
+    /// Submits a batch and calls `done` with the outcome as soon as it is
+    /// known — on the writer's own thread, with no task in between, so it
+    /// must be quick and must not block (send a message, say). The outcome
+    /// means what a [`WriteTicket`]'s does.
+    fn submit_then(&self, batch: Batch, durability: Durability, done: Completion);
     /// Reads one key.
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError>;
     /// Reads every key of a column family whose key starts with `prefix`, in
@@ -191,7 +216,7 @@ impl Counters {
 struct WriteRequest {
     batch: Batch,
     durability: Durability,
-    done: tokio::sync::oneshot::Sender<Result<(), StorageError>>,
+    done: Done,
 }
 
 /// Histogram of the latency of each synced (fsync'd) group write, in seconds.
@@ -310,7 +335,7 @@ fn writer_loop(db: &rocksdb::DB, rx: &mpsc::Receiver<WriteRequest>, counters: &C
             counters.synced_writes.fetch_add(1, Ordering::Relaxed);
         }
         for r in group {
-            let _ = r.done.send(result.clone());
+            r.done.finish(result.clone());
         }
     }
 }
@@ -338,18 +363,16 @@ fn handle<'a>(db: &'a rocksdb::DB, cf: &str) -> Result<&'a rocksdb::ColumnFamily
     db.cf_handle(cf).ok_or_else(|| StorageError::UnknownColumnFamily(cf.to_owned()))
 }
 
-impl LogStore for RocksStore {
-    fn submit(&self, batch: Batch, durability: Durability) -> WriteTicket {
-        let (done, ticket) = tokio::sync::oneshot::channel();
+impl RocksStore {
+    /// Hands a batch to the writer thread; `done` hears the outcome.
+    fn enqueue(&self, batch: Batch, durability: Durability, done: Done) {
         if self.inner.read_only {
-            let _ = done.send(Err(StorageError::ReadOnly));
-            return ticket;
+            return done.finish(Err(StorageError::ReadOnly));
         }
         // A batch naming an unknown column family fails alone, before it can
         // join (and fail) a group with other callers' records.
         if let Some(bad) = batch.ops().iter().map(op_cf).find(|cf| self.inner.db.cf_handle(cf).is_none()) {
-            let _ = done.send(Err(StorageError::UnknownColumnFamily(bad.to_owned())));
-            return ticket;
+            return done.finish(Err(StorageError::UnknownColumnFamily(bad.to_owned())));
         }
         let req = WriteRequest { batch, durability, done };
         let sent = match self.inner.tx.lock() {
@@ -360,9 +383,20 @@ impl LogStore for RocksStore {
             Err(_) => Err(req),
         };
         if let Err(req) = sent {
-            let _ = req.done.send(Err(StorageError::Closed));
+            req.done.finish(Err(StorageError::Closed));
         }
+    }
+}
+
+impl LogStore for RocksStore {
+    fn submit(&self, batch: Batch, durability: Durability) -> WriteTicket {
+        let (done, ticket) = tokio::sync::oneshot::channel();
+        self.enqueue(batch, durability, Done::Ticket(done));
         ticket
+    }
+
+    fn submit_then(&self, batch: Batch, durability: Durability, done: Completion) {
+        self.enqueue(batch, durability, Done::Call(done));
     }
 
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
@@ -415,11 +449,9 @@ impl MemStore {
     fn check(&self, cf: Cf) -> Result<Cf, StorageError> {
         self.cfs.iter().copied().find(|c| *c == cf).ok_or_else(|| StorageError::UnknownColumnFamily(cf.to_owned()))
     }
-}
 
-impl LogStore for MemStore {
-    fn submit(&self, batch: Batch, durability: Durability) -> WriteTicket {
-        let (done, ticket) = tokio::sync::oneshot::channel();
+    /// Applies a batch at once, all or nothing.
+    fn apply(&self, batch: Batch, durability: Durability) -> Result<(), StorageError> {
         let result = (|| {
             for op in batch.ops() {
                 self.check(op_cf(op))?;
@@ -442,8 +474,19 @@ impl LogStore for MemStore {
         if durability == Durability::Synced {
             self.counters.synced_writes.fetch_add(1, Ordering::Relaxed);
         }
-        let _ = done.send(result);
+        result
+    }
+}
+
+impl LogStore for MemStore {
+    fn submit(&self, batch: Batch, durability: Durability) -> WriteTicket {
+        let (done, ticket) = tokio::sync::oneshot::channel();
+        let _ = done.send(self.apply(batch, durability));
         ticket
+    }
+
+    fn submit_then(&self, batch: Batch, durability: Durability, done: Completion) {
+        done(self.apply(batch, durability));
     }
 
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
