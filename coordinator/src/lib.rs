@@ -147,6 +147,19 @@ pub async fn run_with_admin(
     admin: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
+    run_with_admin_ready(config, listener, admin, shutdown, || {}).await
+}
+
+/// [`run_with_admin`], calling `on_ready` once the log is recovered and the
+/// gRPC API is about to serve (when `/readyz` turns 200): the daemon
+/// announces its addresses there, so "listening" means ready.
+pub async fn run_with_admin_ready(
+    config: Config,
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send,
+    on_ready: impl FnOnce() + Send,
+) -> Result<(), Error> {
     let readiness = Readiness::default();
     let _admin = admin.map(|admin| {
         let metrics = instruments::install();
@@ -189,6 +202,7 @@ pub async fn run_with_admin(
         .map_err(|e| Error::Reflection(e.to_string()))?;
 
     readiness.set(true);
+    on_ready();
     // The largest Execute the limits allow, with room for its framing:
     // anything larger is refused by tonic before it is decoded.
     let max_message =

@@ -80,6 +80,26 @@ impl Node {
         }
     }
 
+    /// Starts the process with the crash points `failpoints` armed and waits
+    /// up to `within` for it to exit on its own, without waiting for it to
+    /// listen: a crash during recovery comes before it announces itself.
+    /// True if it exited.
+    pub async fn run_until_exit(&mut self, failpoints: &str, within: Duration) -> anyhow::Result<bool> {
+        anyhow::ensure!(!self.running(), "{} is already running", self.name);
+        self.proc = None;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let mut child = tokio::process::Command::new(&self.bin)
+            .args(&self.args)
+            .args(["--listen".to_owned(), self.addr.to_string()])
+            .env("FAILPOINTS", failpoints)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()?;
+        Ok(tokio::time::timeout(within, child.wait()).await.is_ok())
+    }
+
     /// Makes the process advertise `url` as its endpoint from its next
     /// start on (a participant that moved).
     pub fn set_advertise(&mut self, url: &str) {

@@ -201,8 +201,8 @@ async fn run_case(row: &Row, abort_path: bool, seq: usize, report: &mut Report) 
         report.covered.insert(first);
         if let Some(_before) = row.before {
             // Crash again while recovering, then recover for good.
-            node.start(Some(&format!("{}=return", row.point))).await?;
-            anyhow::ensure!(node.wait_exit(Duration::from_secs(15)).await?, "{case}: recovery did not reach {}", row.point);
+            let exited = node.run_until_exit(&format!("{}=return", row.point), Duration::from_secs(30)).await?;
+            anyhow::ensure!(exited, "{case}: recovery did not reach {}", row.point);
             anyhow::ensure!(node.crashed_at(row.point), "{case}: recovery died elsewhere than {}", row.point);
             report.covered.insert(row.point);
         }

@@ -1,7 +1,8 @@
 //! The coordinator daemon: resolves its configuration (flags over `TWOPC_*`
 //! environment variables over the `--config` TOML file over defaults), binds
 //! the gRPC port and the admin HTTP port, prints "listening on ADDR" and then
-//! "admin listening on ADDR" on stdout once it accepts connections, and
+//! "admin listening on ADDR" on stdout once its decision log is recovered
+//! and it serves (the admin port serves liveness from the start), and
 //! serves until SIGINT or SIGTERM. `twopc-coordinator config show` prints
 //! the effective configuration as TOML instead.
 //!
@@ -114,12 +115,16 @@ async fn serve(config: twopc_coordinator::Config) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {} (admin): {e}", config.admin_listen))?;
     let admin_addr = admin.local_addr().map_err(|e| e.to_string())?;
-    tracing::info!(%addr, %admin_addr, "twopc-coordinator listening");
-    let mut out = std::io::stdout();
-    let _ = writeln!(out, "listening on {addr}");
-    let _ = writeln!(out, "admin listening on {admin_addr}");
-    let _ = out.flush();
-    twopc_coordinator::run_with_admin(config, listener, Some(admin), shutdown).await.map_err(|e| e.to_string())?;
+    // Announced once the decision log is recovered and the API serves; the
+    // admin listener (liveness) serves from the start.
+    let announce = move || {
+        tracing::info!(%addr, %admin_addr, "twopc-coordinator listening");
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "listening on {addr}");
+        let _ = writeln!(out, "admin listening on {admin_addr}");
+        let _ = out.flush();
+    };
+    twopc_coordinator::run_with_admin_ready(config, listener, Some(admin), shutdown, announce).await.map_err(|e| e.to_string())?;
     tracing::info!("stopped");
     Ok(())
 }
