@@ -45,7 +45,7 @@ use crate::core::{Core, Effect, Input, PhaseTwo, Reply, ReqId, Timer, TxnState};
 use crate::instruments;
 use crate::log::DecisionLog;
 use crate::service::Registry;
-use crate::timeline::{Event, Seen, Timelines, Track, vote_detail};
+use crate::timeline::{Seen, Shown, Timelines, Track, vote_detail};
 
 /// Per-call limits of the driver's outgoing RPCs.
 #[derive(Debug, Clone)]
@@ -85,7 +85,7 @@ enum Msg {
     },
     Timeline {
         txn: TxnId,
-        reply: oneshot::Sender<Option<(Vec<Event>, bool)>>,
+        reply: oneshot::Sender<Option<Shown>>,
     },
     /// The participant at this endpoint took in the batch sent to it (or
     /// the call failed): the next batch may go.
@@ -124,7 +124,7 @@ impl Handle {
 
     /// The timeline of `txn`, oldest event first, and whether it starts at
     /// a recovery; `None` when none is held.
-    pub async fn timeline(&self, txn: TxnId) -> Result<Option<(Vec<Event>, bool)>, Stopped> {
+    pub async fn timeline(&self, txn: TxnId) -> Result<Option<Shown>, Stopped> {
         let (reply, rx) = oneshot::channel();
         self.tx.send(Msg::Timeline { txn, reply }).await.map_err(|_| Stopped)?;
         rx.await.map_err(|_| Stopped)
@@ -202,6 +202,19 @@ struct Lane {
 /// participants that moved or went away are not kept forever.
 const IDLE_CHANNEL: Duration = Duration::from_secs(600);
 
+/// About the most bytes of messages one Deliver batch carries.
+const MAX_BATCH_BYTES: usize = 1 << 20;
+
+/// The encoded size of a message, for sizing batches.
+fn body_len(body: &pb::envelope::Body) -> usize {
+    use prost::Message;
+    match body {
+        pb::envelope::Body::Prepare(r) => r.encoded_len(),
+        pb::envelope::Body::Commit(r) => r.encoded_len(),
+        pb::envelope::Body::Abort(r) => r.encoded_len(),
+    }
+}
+
 /// Most messages the event loop takes in one turn before it sends the
 /// batches they made.
 const MAX_TURN: usize = 1024;
@@ -275,7 +288,12 @@ impl Driver {
             // Transactions that resume phase two get a timeline from here;
             // the ones only held for Status need none.
             if let Some(txn) = effect_txn(&e)
-                && !matches!(e, Effect::SetTimer { timer: Timer::Forget(_), .. } | Effect::ForgetDecision { .. })
+                && !matches!(
+                    e,
+                    Effect::SetTimer { timer: Timer::Forget(_), .. }
+                        | Effect::ForgetDecision { .. }
+                        | Effect::PersistDecision { synced: false, .. }
+                )
             {
                 self.tracks.live.entry(txn).or_insert_with(|| Track::recovered(txn));
             }
@@ -566,7 +584,19 @@ impl Driver {
         for endpoint in ready {
             let client = self.client(&endpoint);
             let Some(lane) = self.outboxes.get_mut(&endpoint) else { continue };
-            let rest = lane.queue.split_off(lane.queue.len().min(twopc_proto::MAX_DELIVER_BATCH));
+            // At most MAX_DELIVER_BATCH messages and about MAX_BATCH_BYTES
+            // (always at least one message), well inside the participant's
+            // 4 MiB request limit.
+            let mut take = 0;
+            let mut bytes = 0;
+            for m in &lane.queue {
+                bytes += body_len(&m.body);
+                if take > 0 && (take == twopc_proto::MAX_DELIVER_BATCH || bytes > MAX_BATCH_BYTES) {
+                    break;
+                }
+                take += 1;
+            }
+            let rest = lane.queue.split_off(take);
             let batch = std::mem::replace(&mut lane.queue, rest);
             lane.sending = true;
             metrics::histogram!(instruments::DELIVER_BATCH_MESSAGES).record(batch.len() as f64);
@@ -653,18 +683,20 @@ impl Driver {
                 self.enqueue(endpoint, Outgoing { txn, participant, body, span, timeout });
             }
             Effect::SendDecision { txn, participant, endpoint, decision } => {
-                let endpoint = self.registry.get(&participant).unwrap_or(endpoint);
                 let what = if matches!(decision, PhaseTwo::Commit(_)) { "COMMIT" } else { "ABORT" };
-                let span = match self.tracks.live.get_mut(&txn) {
+                let (span, attempt) = match self.tracks.live.get_mut(&txn) {
                     Some(t) => {
-                        let kind = pb::TimelineEventKind::DecisionSent;
-                        let attempt =
-                            1 + t.events.iter().filter(|e| e.kind == kind && e.participant.as_ref() == Some(&participant)).count();
-                        t.push(kind, Some(&participant), format!("{what}, attempt {attempt}"));
-                        tracing::debug_span!(parent: t.call_parent(), "decision_call", txn_id = %txn, participant = %participant, decision = what, attempt)
+                        let attempt = t.next_attempt(&participant);
+                        t.push(pb::TimelineEventKind::DecisionSent, Some(&participant), format!("{what}, attempt {attempt}"));
+                        let span = tracing::debug_span!(parent: t.call_parent(), "decision_call", txn_id = %txn, participant = %participant, decision = what, attempt);
+                        (span, attempt)
                     }
-                    None => Span::none(),
+                    None => (Span::none(), 2),
                 };
+                // The first attempt goes where the participant enlisted (or
+                // was logged); a retry goes where it is registered now, in
+                // case it restarted elsewhere.
+                let endpoint = if attempt > 1 { self.registry.get(&participant).unwrap_or(endpoint) } else { endpoint };
                 let (txn_id, coordinator_epoch) = (txn.to_string(), self.core.epoch());
                 let body = match decision {
                     PhaseTwo::Commit(_) => pb::envelope::Body::Commit(pb::CommitBranchRequest { txn_id, coordinator_epoch }),
@@ -694,55 +726,102 @@ fn notify(tx: &mpsc::Sender<Msg>, runtime: &tokio::runtime::Handle, msg: Msg) {
 /// (or the batch's deadline passes) fails with that error.
 async fn deliver(client: Result<ParticipantClient<Channel>, String>, endpoint: String, mut batch: Vec<Outgoing>, tx: mpsc::Sender<Msg>) {
     let timeout = batch.iter().map(|m| m.timeout).max().unwrap_or_default();
-    let messages =
-        batch.iter().map(|m| pb::Envelope { body: Some(m.body.clone()), trace_context: propagation::to_map(&m.span) }).collect::<Vec<_>>();
+    let deadline = tokio::time::Instant::now() + timeout;
     let mut answered = vec![false; batch.len()];
-    let mut sent = Some(endpoint);
-    let call = async {
-        let mut c = client?;
-        let mut req = tonic::Request::new(pb::DeliverRequest { messages });
-        req.set_timeout(timeout);
-        let taken = c.deliver(req).await;
-        // The participant has the batch (or the call failed): the next one
-        // may go.
-        if let Some(e) = sent.take() {
-            let _ = tx.send(Msg::Sent(e)).await;
+    // Only the network waits are bounded by the deadline: a send into the
+    // driver's queue is never cancelled, so no answer (and no `Sent`) can
+    // be lost on the way.
+    let failed = match client {
+        Err(e) => {
+            let _ = tx.send(Msg::Sent(endpoint)).await;
+            e
         }
-        let mut stream = taken.map_err(|s| format!("{}: {}", code_name(s.code()), s.message()))?.into_inner();
-        loop {
-            match stream.message().await {
-                Ok(Some(d)) => {
-                    let i = d.index as usize;
-                    let n = batch.len();
-                    let Some(m) = batch.get_mut(i).filter(|_| !answered[i]) else {
-                        return Err(format!("the participant answered message {i} of {n} twice or out of range"));
-                    };
-                    answered[i] = true;
-                    let input = answer(m, d.body);
-                    // The call's span ends with its answer.
-                    m.span = Span::none();
-                    let _ = tx.send(Msg::Internal(input)).await;
+        Ok(mut c) => {
+            let messages = batch
+                .iter()
+                .map(|m| pb::Envelope { body: Some(m.body.clone()), trace_context: propagation::to_map(&m.span) })
+                .collect::<Vec<_>>();
+            let mut req = tonic::Request::new(pb::DeliverRequest { messages });
+            req.set_timeout(timeout);
+            let taken = tokio::time::timeout_at(deadline, c.deliver(req)).await;
+            // The participant has the batch (or the call failed): the next
+            // one may go.
+            let _ = tx.send(Msg::Sent(endpoint)).await;
+            match taken {
+                Err(_) => format!("DEADLINE_EXCEEDED: no answer within {timeout:?}"),
+                // A participant built before Deliver existed: one call per
+                // message, as it understands.
+                Ok(Err(s)) if s.code() == tonic::Code::Unimplemented => return deliver_one_by_one(c, batch, tx).await,
+                Ok(Err(s)) => format!("{}: {}", code_name(s.code()), s.message()),
+                Ok(Ok(r)) => {
+                    let mut stream = r.into_inner();
+                    loop {
+                        if answered.iter().all(|a| *a) {
+                            return;
+                        }
+                        match tokio::time::timeout_at(deadline, stream.message()).await {
+                            Err(_) => break format!("DEADLINE_EXCEEDED: no answer within {timeout:?}"),
+                            Ok(Err(s)) => break format!("{}: {}", code_name(s.code()), s.message()),
+                            Ok(Ok(None)) => break "the participant ended the batch before answering every message".to_owned(),
+                            Ok(Ok(Some(d))) => {
+                                let i = d.index as usize;
+                                let n = batch.len();
+                                let Some(m) = batch.get_mut(i).filter(|_| !answered[i]) else {
+                                    break format!("the participant answered message {i} of {n} twice or out of range");
+                                };
+                                let input = answer(m, d.body);
+                                // The call's span ends with its answer.
+                                m.span = Span::none();
+                                let _ = tx.send(Msg::Internal(input)).await;
+                                answered[i] = true;
+                            }
+                        }
+                    }
                 }
-                Ok(None) => return Err("the participant ended the batch before answering every message".to_owned()),
-                Err(s) => return Err(format!("{}: {}", code_name(s.code()), s.message())),
-            }
-            if answered.iter().all(|a| *a) {
-                return Ok(());
             }
         }
     };
-    let failed = match tokio::time::timeout(timeout, call).await {
-        Ok(Ok(())) => return,
-        Ok(Err(e)) => e,
-        Err(_) => format!("DEADLINE_EXCEEDED: no answer within {timeout:?}"),
-    };
-    if let Some(e) = sent.take() {
-        let _ = tx.send(Msg::Sent(e)).await;
-    }
     for (m, _) in batch.iter().zip(&answered).filter(|(_, a)| !**a) {
         let refused = pb::delivered::Body::Refused(pb::Refusal { code: -1, message: failed.clone(), reason: String::new() });
         let _ = tx.send(Msg::Internal(answer(m, Some(refused)))).await;
     }
+}
+
+/// Sends each message of `batch` as its own RPC, concurrently: for a
+/// participant that does not serve `Deliver`.
+async fn deliver_one_by_one(c: ParticipantClient<Channel>, batch: Vec<Outgoing>, tx: mpsc::Sender<Msg>) {
+    use pb::delivered::Body as Out;
+    use pb::envelope::Body as In;
+    let calls = batch.into_iter().map(|m| {
+        let (mut c, tx) = (c.clone(), tx.clone());
+        async move {
+            let refused = |s: tonic::Status| {
+                Out::Refused(pb::Refusal { code: s.code() as i32, message: s.message().to_owned(), reason: String::new() })
+            };
+            let result = match m.body.clone() {
+                In::Prepare(r) => {
+                    let mut req = tonic::Request::new(r);
+                    req.set_timeout(m.timeout);
+                    propagation::inject(&m.span, req.metadata_mut());
+                    c.prepare(req).await.map(|r| Out::Prepare(r.into_inner()))
+                }
+                In::Commit(r) => {
+                    let mut req = tonic::Request::new(r);
+                    req.set_timeout(m.timeout);
+                    propagation::inject(&m.span, req.metadata_mut());
+                    c.commit(req).await.map(|r| Out::Commit(r.into_inner()))
+                }
+                In::Abort(r) => {
+                    let mut req = tonic::Request::new(r);
+                    req.set_timeout(m.timeout);
+                    propagation::inject(&m.span, req.metadata_mut());
+                    c.abort(req).await.map(|r| Out::Abort(r.into_inner()))
+                }
+            };
+            let _ = tx.send(Msg::Internal(answer(&m, Some(result.unwrap_or_else(refused))))).await;
+        }
+    });
+    futures::future::join_all(calls).await;
 }
 
 /// The core's input for the answer `body` to message `m`. A refusal with

@@ -377,11 +377,12 @@ impl pb::admin_server::Admin for CoordinatorService {
             other => return Err(unexpected(&other)),
         };
         let unavailable = |_| error(Code::Unavailable, reason::COORDINATOR_UNAVAILABLE, "the coordinator is shutting down");
-        let (events, recovered) = self.handle.timeline(txn).await.map_err(unavailable)?.unwrap_or_default();
+        let shown = self.handle.timeline(txn).await.map_err(unavailable)?.unwrap_or_default();
         Ok(Response::new(pb::GetTransactionResponse {
             status: Some(status),
-            timeline: events.iter().map(pb::TimelineEvent::from).collect(),
-            recovered,
+            timeline: shown.events.iter().map(pb::TimelineEvent::from).collect(),
+            recovered: shown.recovered,
+            elided: shown.elided,
         }))
     }
 

@@ -65,7 +65,16 @@ pub(crate) struct Track {
     pub phase: Span,
     /// The decision write's span while the write is in flight.
     pub write: Span,
+    /// Events left out between the first [`KEEP_FIRST`] and the latest.
+    pub elided: u64,
+    /// Phase-two messages sent so far, per participant.
+    attempts: Vec<(ParticipantName, u32)>,
 }
+
+/// A timeline keeps its first this many events…
+pub const KEEP_FIRST: usize = 128;
+/// …and its latest this many; the ones between are counted, not kept.
+pub const KEEP_LAST: usize = 128;
 
 /// The driver's clock readings for one transaction.
 pub(crate) struct Timing {
@@ -88,20 +97,49 @@ impl Track {
             span,
             phase: Span::none(),
             write: Span::none(),
+            elided: 0,
+            attempts: Vec::new(),
         }
     }
 
     /// A transaction found in the decision log at startup.
     pub fn recovered(txn: TxnId) -> Track {
         let span = tracing::debug_span!(parent: None, "txn", txn_id = %txn, recovered = true, outcome = tracing::field::Empty);
-        let mut t = Track { timing: None, events: Vec::new(), recovered: true, span, phase: Span::none(), write: Span::none() };
+        let mut t = Track {
+            timing: None,
+            events: Vec::new(),
+            recovered: true,
+            span,
+            phase: Span::none(),
+            write: Span::none(),
+            elided: 0,
+            attempts: Vec::new(),
+        };
         t.push(pb::TimelineEventKind::Recovered, None, "");
         t
     }
 
     /// Appends an event stamped now.
     pub fn push(&mut self, kind: pb::TimelineEventKind, participant: Option<&ParticipantName>, detail: impl Into<Cow<'static, str>>) {
+        if self.events.len() >= KEEP_FIRST + KEEP_LAST {
+            self.events.remove(KEEP_FIRST);
+            self.elided += 1;
+        }
         self.events.push(Event { at: UnixMillis::now(), kind, participant: participant.cloned(), detail: detail.into() });
+    }
+
+    /// Counts one more phase-two message to `participant`; its number.
+    pub fn next_attempt(&mut self, participant: &ParticipantName) -> u32 {
+        match self.attempts.iter_mut().find(|(p, _)| p == participant) {
+            Some((_, n)) => {
+                *n += 1;
+                *n
+            }
+            None => {
+                self.attempts.push((participant.clone(), 1));
+                1
+            }
+        }
     }
 
     /// The span a participant call of the current phase runs under.
@@ -115,6 +153,18 @@ pub(crate) struct Finished {
     pub txn: TxnId,
     pub events: Vec<Event>,
     pub recovered: bool,
+    pub elided: u64,
+}
+
+/// A timeline as `Admin.GetTransaction` reports it.
+#[derive(Debug, Clone, Default)]
+pub struct Shown {
+    /// Oldest first.
+    pub events: Vec<Event>,
+    /// It starts at a recovery.
+    pub recovered: bool,
+    /// Events left out in the middle.
+    pub elided: u64,
 }
 
 /// Live tracks and the ring of finished timelines.
@@ -138,16 +188,20 @@ impl Timelines {
         if self.finished.len() >= self.keep {
             self.finished.pop_front();
         }
-        self.finished.push_back(Finished { txn, events: track.events, recovered: track.recovered });
+        self.finished.push_back(Finished { txn, events: track.events, recovered: track.recovered, elided: track.elided });
     }
 
     /// The timeline of `txn`, live or finished, and whether it starts at a
     /// recovery.
-    pub fn get(&self, txn: TxnId) -> Option<(Vec<Event>, bool)> {
+    pub fn get(&self, txn: TxnId) -> Option<Shown> {
         if let Some(t) = self.live.get(&txn) {
-            return Some((t.events.clone(), t.recovered));
+            return Some(Shown { events: t.events.clone(), recovered: t.recovered, elided: t.elided });
         }
-        self.finished.iter().rev().find(|f| f.txn == txn).map(|f| (f.events.clone(), f.recovered))
+        self.finished.iter().rev().find(|f| f.txn == txn).map(|f| Shown {
+            events: f.events.clone(),
+            recovered: f.recovered,
+            elided: f.elided,
+        })
     }
 }
 
@@ -192,5 +246,39 @@ pub(crate) fn vote_detail(vote: &Vote) -> Cow<'static, str> {
         Vote::Yes => "YES".into(),
         Vote::ReadOnly => "READ_ONLY".into(),
         Vote::No(why) => format!("NO: {why}").into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_timeline_keeps_its_first_and_latest_events_and_counts_the_rest() {
+        let txn = TxnId { epoch: 1, seq: 1 };
+        let p = ParticipantName::new("p").expect("a name");
+        let mut t = Track::begun(txn, &Span::none());
+        for i in 0..1000u32 {
+            let n = t.next_attempt(&p);
+            assert_eq!(n, i + 1, "attempts count per participant");
+            t.push(pb::TimelineEventKind::DecisionSent, Some(&p), format!("attempt {n}"));
+        }
+        assert_eq!(t.events.len(), KEEP_FIRST + KEEP_LAST);
+        assert_eq!(t.elided, 1000 - (KEEP_FIRST + KEEP_LAST) as u64);
+        assert_eq!(t.events[0].detail, "attempt 1");
+        assert_eq!(t.events[KEEP_FIRST - 1].detail, format!("attempt {KEEP_FIRST}"));
+        assert_eq!(t.events[KEEP_FIRST].detail, format!("attempt {}", 1000 - KEEP_LAST + 1));
+        assert_eq!(t.events.last().map(|e| e.detail.as_ref()), Some("attempt 1000"));
+        let mut timelines = Timelines::new(2);
+        timelines.live.insert(txn, t);
+        timelines.finish(txn);
+        let shown = timelines.get(txn).expect("kept once finished");
+        assert_eq!((shown.events.len(), shown.elided), (KEEP_FIRST + KEEP_LAST, 744));
+        for seq in 2..=3 {
+            let other = TxnId { epoch: 1, seq };
+            timelines.live.insert(other, Track::begun(other, &Span::none()));
+            timelines.finish(other);
+        }
+        assert!(timelines.get(txn).is_none(), "the ring keeps the latest finished only");
     }
 }

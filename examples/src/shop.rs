@@ -152,12 +152,17 @@ pub struct LedgerService {
 #[tonic::async_trait]
 impl pb::ledger_server::Ledger for LedgerService {
     async fn snapshot(&self, _request: Request<pb::SnapshotRequest>) -> Result<Response<pb::SnapshotResponse>, Status> {
+        // Locks first: a branch releases its locks only after its outcome is
+        // written, so when none is held before the scan, no commit can land
+        // after it and the rows are final. (Counted after the scan, a commit
+        // applied in between would show old rows with no lock held.)
+        let locked_keys = self.kv.locked_keys() as u64;
+        let in_doubt = self.participant.in_doubt().map_err(|e| Status::unavailable(e.to_string()))?.len() as u64;
         let rows = self.kv.scan(b"").map_err(kv_status)?;
         let entries = rows
             .into_iter()
             .map(|(k, v)| pb::Entry { key: String::from_utf8_lossy(&k).into_owned(), value: String::from_utf8_lossy(&v).into_owned() })
             .collect();
-        let in_doubt = self.participant.in_doubt().map_err(|e| Status::unavailable(e.to_string()))?.len() as u64;
-        Ok(Response::new(pb::SnapshotResponse { entries, locked_keys: self.kv.locked_keys() as u64, in_doubt }))
+        Ok(Response::new(pb::SnapshotResponse { entries, locked_keys, in_doubt }))
     }
 }

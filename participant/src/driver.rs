@@ -319,13 +319,24 @@ impl Driver {
                 // here, saving a task and a wake-up on the way to the vote.
                 // One that waits carries on, the same future, in a task of
                 // its own (its next poll registers the real waker).
+                // A resource that panics votes NO instead of taking the
+                // driver (or the vote) with it.
+                let panicked = || (Err("the resource's prepare panicked".to_owned()), Batch::new());
                 let waker = futures::task::noop_waker();
-                match prepare.as_mut().poll(&mut std::task::Context::from_waker(&waker)) {
-                    std::task::Poll::Ready((vote, batch)) => self.ready.push_back(Msg::Voted { txn, vote, batch }),
-                    std::task::Poll::Pending => {
+                let first = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    prepare.as_mut().poll(&mut std::task::Context::from_waker(&waker))
+                }));
+                match first {
+                    Ok(std::task::Poll::Ready((vote, batch))) => self.ready.push_back(Msg::Voted { txn, vote, batch }),
+                    Err(_) => {
+                        let (vote, batch) = panicked();
+                        self.ready.push_back(Msg::Voted { txn, vote, batch });
+                    }
+                    Ok(std::task::Poll::Pending) => {
                         let tx = self.tx.clone();
                         tokio::spawn(async move {
-                            let (vote, batch) = prepare.await;
+                            use futures::FutureExt;
+                            let (vote, batch) = std::panic::AssertUnwindSafe(prepare).catch_unwind().await.unwrap_or_else(|_| panicked());
                             let _ = tx.send(Msg::Voted { txn, vote, batch }).await;
                         });
                     }

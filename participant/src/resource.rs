@@ -48,6 +48,12 @@ pub trait Resource: Send + Sync + 'static {
     async fn recover(&self, prepared: &[TxnId]) -> Result<(), ResourceError>;
 
     /// Phase one. `payload` is the Execute branch's payload, if any.
+    ///
+    /// Its first poll runs on the participant's driver task (most prepares
+    /// finish without waiting, and save a task that way); if it waits, it
+    /// carries on in a task of its own. So it must not block the thread
+    /// (await instead), and must not wait on the participant itself. A
+    /// panic votes NO.
     async fn prepare(&self, txn: TxnId, payload: Option<&[u8]>, batch: &mut Batch) -> Result<Vote, ResourceError>;
 
     /// Phase two, commit.

@@ -144,19 +144,40 @@ pub type WriteTicket = tokio::sync::oneshot::Receiver<Result<(), StorageError>>;
 /// What [`LogStore::submit_then`] calls with a write's outcome.
 pub type Completion = Box<dyn FnOnce(Result<(), StorageError>) + Send + 'static>;
 
-/// Who hears a write's outcome.
+/// Who hears a write's outcome (each held in an `Option` so that it is
+/// told at most once).
 enum Done {
-    Ticket(tokio::sync::oneshot::Sender<Result<(), StorageError>>),
-    Call(Completion),
+    /// A dropped, untold sender reads as [`StorageError::Closed`] from
+    /// [`wait`].
+    Ticket(Option<tokio::sync::oneshot::Sender<Result<(), StorageError>>>),
+    /// A request dropped unfinished (the writer thread gone) calls it with
+    /// [`StorageError::Closed`].
+    Call(Option<Completion>),
 }
 
 impl Done {
-    fn finish(self, result: Result<(), StorageError>) {
-        match self {
+    fn finish(mut self, result: Result<(), StorageError>) {
+        match &mut self {
             Done::Ticket(tx) => {
-                let _ = tx.send(result);
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(result);
+                }
             }
-            Done::Call(f) => f(result),
+            Done::Call(f) => {
+                if let Some(f) = f.take() {
+                    f(result);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        if let Done::Call(f) = self
+            && let Some(f) = f.take()
+        {
+            f(Err(StorageError::Closed));
         }
     }
 }
@@ -335,7 +356,12 @@ fn writer_loop(db: &rocksdb::DB, rx: &mpsc::Receiver<WriteRequest>, counters: &C
             counters.synced_writes.fetch_add(1, Ordering::Relaxed);
         }
         for r in group {
-            r.done.finish(result.clone());
+            // A completion that panics must not take the writer (and every
+            // later write) down with it.
+            let result = result.clone();
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || r.done.finish(result))).is_err() {
+                tracing::error!("a write completion panicked");
+            }
         }
     }
 }
@@ -391,12 +417,12 @@ impl RocksStore {
 impl LogStore for RocksStore {
     fn submit(&self, batch: Batch, durability: Durability) -> WriteTicket {
         let (done, ticket) = tokio::sync::oneshot::channel();
-        self.enqueue(batch, durability, Done::Ticket(done));
+        self.enqueue(batch, durability, Done::Ticket(Some(done)));
         ticket
     }
 
     fn submit_then(&self, batch: Batch, durability: Durability, done: Completion) {
-        self.enqueue(batch, durability, Done::Call(done));
+        self.enqueue(batch, durability, Done::Call(Some(done)));
     }
 
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {

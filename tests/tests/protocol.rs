@@ -360,3 +360,68 @@ async fn a_call_while_the_coordinator_is_down_is_retryable() {
     assert_eq!(ps[0].kv.locked_keys(), 0, "nothing was done under the transaction");
     drop(dir);
 }
+
+/// A participant that does not serve `Deliver` (built before batched
+/// delivery existed) still gets every message, each as its own RPC.
+#[tokio::test]
+async fn a_participant_without_deliver_gets_one_rpc_per_message() {
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Old {
+        calls: Arc<Mutex<Vec<String>>>,
+    }
+
+    #[tonic::async_trait]
+    impl tp::participant_server::Participant for Old {
+        async fn prepare(&self, r: tonic::Request<tp::PrepareRequest>) -> Result<tonic::Response<tp::PrepareResponse>, tonic::Status> {
+            self.calls.lock().expect("lock").push(format!("prepare {}", r.get_ref().txn_id));
+            Ok(tonic::Response::new(tp::PrepareResponse { vote: tp::Vote::Yes as i32, reason: String::new() }))
+        }
+        async fn commit(
+            &self,
+            r: tonic::Request<tp::CommitBranchRequest>,
+        ) -> Result<tonic::Response<tp::CommitBranchResponse>, tonic::Status> {
+            self.calls.lock().expect("lock").push(format!("commit {}", r.get_ref().txn_id));
+            Ok(tonic::Response::new(tp::CommitBranchResponse {}))
+        }
+        async fn abort(
+            &self,
+            r: tonic::Request<tp::AbortBranchRequest>,
+        ) -> Result<tonic::Response<tp::AbortBranchResponse>, tonic::Status> {
+            self.calls.lock().expect("lock").push(format!("abort {}", r.get_ref().txn_id));
+            Ok(tonic::Response::new(tp::AbortBranchResponse {}))
+        }
+        type DeliverStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<tp::Delivered, tonic::Status>> + Send>>;
+        async fn deliver(&self, _r: tonic::Request<tp::DeliverRequest>) -> Result<tonic::Response<Self::DeliverStream>, tonic::Status> {
+            Err(tonic::Status::unimplemented("an old participant"))
+        }
+    }
+
+    let (c, ps) = cluster(&["wallet"]).await;
+    let old = Old::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(tp::participant_server::ParticipantServer::new(old.clone()))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    c.raw().register_participant(tp::RegisterParticipantRequest { participant: "legacy".into(), endpoint }).await.expect("registered");
+    let done = c
+        .client()
+        .execute([("wallet", b"put balance/leg 1".to_vec()), ("legacy", b"anything".to_vec())], Duration::from_secs(5))
+        .await
+        .expect("answered");
+    assert_eq!(done.outcome, Outcome::Committed);
+    let txn = done.txn.to_string();
+    eventually("the old participant acknowledged COMMIT", Duration::from_secs(10), || {
+        let calls = old.calls.lock().map(|c| c.clone()).unwrap_or_default();
+        let want = [format!("prepare {txn}"), format!("commit {txn}")];
+        std::future::ready(calls == want)
+    })
+    .await;
+    settled(&ps).await;
+    assert_eq!(ps[0].get("balance/leg").as_deref(), Some("1"));
+    server.abort();
+}

@@ -351,7 +351,12 @@ fn render_show(r: &pb::GetTransactionResponse, json: bool) -> String {
                 )
             })
             .collect();
-        return format!("{{\"status\":{status},\"recovered\":{},\"timeline\":[{}]}}", r.recovered, events.join(","));
+        return format!(
+            "{{\"status\":{status},\"recovered\":{},\"elided\":{},\"timeline\":[{}]}}",
+            r.recovered,
+            r.elided,
+            events.join(",")
+        );
     }
     let mut out = status;
     if r.timeline.is_empty() {
@@ -363,7 +368,10 @@ fn render_show(r: &pb::GetTransactionResponse, json: bool) -> String {
         out.push_str(" (from the coordinator's restart on; earlier events are not kept)");
     }
     let start = r.timeline[0].at_unix_ms;
-    for e in &r.timeline {
+    for (i, e) in r.timeline.iter().enumerate() {
+        if r.elided > 0 && i == twopc_coordinator::timeline::KEEP_FIRST {
+            out.push_str(&format!("\n  ... {} events left out ...", r.elided));
+        }
         let at = std::time::UNIX_EPOCH + Duration::from_millis(e.at_unix_ms);
         let line = format!(
             "\n  {}  +{:>6} ms  {:<22} {:<16} {}",
