@@ -1894,25 +1894,25 @@ fn persist_failed_for_a_transaction_not_deciding_is_ignored() {
 // Seeded random exploration
 // ---------------------------------------------------------------------------
 
-/// splitmix64: a tiny deterministic generator (no dev-dependency needed).
-struct Rng(u64);
+/// A seeded generator (rand's `StdRng`) with the few draws the
+/// exploration needs.
+struct Rng(rand::rngs::StdRng);
 
 impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(rand::SeedableRng::seed_from_u64(seed))
+    }
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        rand::Rng::random(&mut self.0)
     }
     fn below(&mut self, n: u64) -> u64 {
-        if n == 0 { 0 } else { self.next() % n }
+        if n == 0 { 0 } else { rand::Rng::random_range(&mut self.0, 0..n) }
     }
     fn chance(&mut self, percent: u64) -> bool {
         self.below(100) < percent
     }
     fn pick<T: Clone>(&mut self, items: &[T]) -> Option<T> {
-        if items.is_empty() { None } else { items.get(self.below(items.len() as u64) as usize).cloned() }
+        rand::seq::IndexedRandom::choose(items, &mut self.0).cloned()
     }
     fn take<T>(&mut self, items: &mut Vec<T>) -> Option<T> {
         if items.is_empty() { None } else { Some(items.swap_remove(self.below(items.len() as u64) as usize)) }
@@ -1995,7 +1995,7 @@ impl Explorer {
     fn new(seed: u64) -> Self {
         let core = Core::new(EPOCH, CoreConfig { seed, ..config() });
         Explorer {
-            rng: Rng(seed),
+            rng: Rng::new(seed),
             core,
             now: T0,
             next_req: 0,
@@ -2675,7 +2675,7 @@ impl Explorer {
 fn explore() {
     let seed = seed_from_env_or_clock();
     eprintln!("random exploration: TWOPC_SEED={seed}");
-    let mut master = Rng(seed);
+    let mut master = Rng::new(seed);
     for scenario in 0..40 {
         let sub = master.next();
         let mut x = Explorer::new(sub);

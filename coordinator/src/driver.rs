@@ -637,7 +637,7 @@ impl Driver {
                                     Input::PersistFailed { txn, error: e.to_string() }
                                 }
                             };
-                            notify(&tx, &runtime, Msg::Internal(input));
+                            twopc_storage::hand_over(&tx, &runtime, Msg::Internal(input));
                         }),
                     );
                 } else {
@@ -710,17 +710,6 @@ impl Driver {
     }
 }
 
-/// Hands `msg` to the driver from a thread outside the runtime (the log
-/// writer's): at once when its queue has room, else from a task.
-fn notify(tx: &mpsc::Sender<Msg>, runtime: &tokio::runtime::Handle, msg: Msg) {
-    if let Err(mpsc::error::TrySendError::Full(msg)) = tx.try_send(msg) {
-        let tx = tx.clone();
-        runtime.spawn(async move {
-            let _ = tx.send(msg).await;
-        });
-    }
-}
-
 /// Sends one batch to a participant and turns each answer into the core's
 /// input as it arrives; every message left unanswered when the call fails
 /// (or the batch's deadline passes) fails with that error.
@@ -787,6 +776,14 @@ async fn deliver(client: Result<ParticipantClient<Channel>, String>, endpoint: S
     }
 }
 
+/// `message` as the request of its own RPC: `m`'s timeout and trace context.
+fn request<T>(message: T, m: &Outgoing) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(message);
+    req.set_timeout(m.timeout);
+    propagation::inject(&m.span, req.metadata_mut());
+    req
+}
+
 /// Sends each message of `batch` as its own RPC, concurrently: for a
 /// participant that does not serve `Deliver`.
 async fn deliver_one_by_one(c: ParticipantClient<Channel>, batch: Vec<Outgoing>, tx: mpsc::Sender<Msg>) {
@@ -799,24 +796,9 @@ async fn deliver_one_by_one(c: ParticipantClient<Channel>, batch: Vec<Outgoing>,
                 Out::Refused(pb::Refusal { code: s.code() as i32, message: s.message().to_owned(), reason: String::new() })
             };
             let result = match m.body.clone() {
-                In::Prepare(r) => {
-                    let mut req = tonic::Request::new(r);
-                    req.set_timeout(m.timeout);
-                    propagation::inject(&m.span, req.metadata_mut());
-                    c.prepare(req).await.map(|r| Out::Prepare(r.into_inner()))
-                }
-                In::Commit(r) => {
-                    let mut req = tonic::Request::new(r);
-                    req.set_timeout(m.timeout);
-                    propagation::inject(&m.span, req.metadata_mut());
-                    c.commit(req).await.map(|r| Out::Commit(r.into_inner()))
-                }
-                In::Abort(r) => {
-                    let mut req = tonic::Request::new(r);
-                    req.set_timeout(m.timeout);
-                    propagation::inject(&m.span, req.metadata_mut());
-                    c.abort(req).await.map(|r| Out::Abort(r.into_inner()))
-                }
+                In::Prepare(r) => c.prepare(request(r, &m)).await.map(|r| Out::Prepare(r.into_inner())),
+                In::Commit(r) => c.commit(request(r, &m)).await.map(|r| Out::Commit(r.into_inner())),
+                In::Abort(r) => c.abort(request(r, &m)).await.map(|r| Out::Abort(r.into_inner())),
             };
             let _ = tx.send(Msg::Internal(answer(&m, Some(result.unwrap_or_else(refused))))).await;
         }

@@ -357,11 +357,7 @@ impl Driver {
                             Ok(()) => Input::Durable { txn },
                             Err(e) => Input::PersistFailed { txn, error: e.to_string() },
                         };
-                        if let Err(mpsc::error::TrySendError::Full(msg)) = tx.try_send(Msg::Internal(input)) {
-                            runtime.spawn(async move {
-                                let _ = tx.send(msg).await;
-                            });
-                        }
+                        twopc_storage::hand_over(&tx, &runtime, Msg::Internal(input));
                     }),
                 );
             }

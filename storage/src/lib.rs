@@ -144,6 +144,18 @@ pub type WriteTicket = tokio::sync::oneshot::Receiver<Result<(), StorageError>>;
 /// What [`LogStore::submit_then`] calls with a write's outcome.
 pub type Completion = Box<dyn FnOnce(Result<(), StorageError>) + Send + 'static>;
 
+/// Hands `msg` to a driver's queue from a thread outside the runtime (a
+/// [`Completion`] on the writer's thread): at once when the queue has room,
+/// else from a task on `runtime`, so the caller never blocks.
+pub fn hand_over<T: Send + 'static>(tx: &tokio::sync::mpsc::Sender<T>, runtime: &tokio::runtime::Handle, msg: T) {
+    if let Err(tokio::sync::mpsc::error::TrySendError::Full(msg)) = tx.try_send(msg) {
+        let tx = tx.clone();
+        runtime.spawn(async move {
+            let _ = tx.send(msg).await;
+        });
+    }
+}
+
 /// Who hears a write's outcome (each held in an `Option` so that it is
 /// told at most once).
 enum Done {

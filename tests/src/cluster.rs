@@ -62,22 +62,21 @@ impl Node {
         args.push("--listen".into());
         args.push(self.addr.to_string());
         let env: Vec<(String, String)> = failpoints.map(|f| vec![("FAILPOINTS".to_owned(), f.to_owned())]).unwrap_or_default();
-        // The port may linger for a moment after a kill: retry briefly.
-        let give_up = Instant::now() + Duration::from_secs(10);
-        loop {
-            match Proc::start_with_env(&self.name, &self.bin, &args, &env, &self.log, START_WITHIN).await {
-                Ok(p) => {
-                    self.addr = p.addr;
-                    self.proc = Some(p);
-                    return Ok(());
-                }
-                Err(e) if Instant::now() < give_up && self.log_tail().contains("cannot listen") => {
-                    tracing::debug!(node = %self.name, error = %e, "port not free yet; retrying");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(e) => return Err(e),
+        // The port may linger for a moment after a kill: start again until
+        // it is free (any other failure ends the wait at once).
+        let this = &*self;
+        let started = crate::poll_for(Duration::from_secs(10), || async {
+            match Proc::start_with_env(&this.name, &this.bin, &args, &env, &this.log, START_WITHIN).await {
+                Ok(p) => Ok(Ok(p)),
+                Err(e) if this.log_tail().contains("cannot listen") => Err(format!("port not free yet: {e}")),
+                Err(e) => Ok(Err(e)),
             }
-        }
+        })
+        .await
+        .map_err(anyhow::Error::msg)??;
+        self.addr = started.addr;
+        self.proc = Some(started);
+        Ok(())
     }
 
     /// Starts the process with the crash points `failpoints` armed and waits
@@ -308,46 +307,26 @@ impl ProcCluster {
     /// and the final snapshots. Fails after `within`.
     pub async fn quiesce(&self, within: Duration) -> anyhow::Result<(Duration, Vec<Snapshot>)> {
         let start = Instant::now();
-        let mut last = String::new();
-        loop {
-            let mut snaps = Vec::new();
-            let mut ok = true;
-            for i in 0..self.participants.len() {
-                match self.snapshot(i).await {
-                    Ok(s) => {
-                        if s.locked_keys + s.in_doubt > 0 {
-                            ok = false;
-                            last = format!(
-                                "{} holds {} locks and {} in-doubt transactions",
-                                self.participants[i].name, s.locked_keys, s.in_doubt
-                            );
-                        }
-                        snaps.push(s);
-                    }
-                    Err(e) => {
-                        ok = false;
-                        last = format!("{} unreachable: {e}", self.participants[i].name);
-                    }
-                }
+        let snaps =
+            crate::poll_for(within, || self.quiet()).await.map_err(|last| anyhow::anyhow!("not quiescent after {within:?}: {last}"))?;
+        Ok((start.elapsed(), snaps))
+    }
+
+    /// Every participant's snapshot when nothing is held or in doubt
+    /// anywhere; else what still is.
+    async fn quiet(&self) -> Result<Vec<Snapshot>, String> {
+        let mut snaps = Vec::new();
+        for (i, node) in self.participants.iter().enumerate() {
+            let s = self.snapshot(i).await.map_err(|e| format!("{} unreachable: {e}", node.name))?;
+            if s.locked_keys + s.in_doubt > 0 {
+                return Err(format!("{} holds {} locks and {} in-doubt transactions", node.name, s.locked_keys, s.in_doubt));
             }
-            if ok {
-                match self.coordinator_in_doubt().await {
-                    Ok(0) => return Ok((start.elapsed(), snaps)),
-                    Ok(n) => {
-                        ok = false;
-                        last = format!("coordinator holds {n} in-doubt transactions");
-                    }
-                    Err(e) => {
-                        ok = false;
-                        last = format!("coordinator unreachable: {e}");
-                    }
-                }
-            }
-            debug_assert!(!ok);
-            if start.elapsed() > within {
-                bail!("not quiescent after {within:?}: {last}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            snaps.push(s);
+        }
+        match self.coordinator_in_doubt().await {
+            Ok(0) => Ok(snaps),
+            Ok(n) => Err(format!("coordinator holds {n} in-doubt transactions")),
+            Err(e) => Err(format!("coordinator unreachable: {e}")),
         }
     }
 

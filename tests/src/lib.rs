@@ -181,20 +181,51 @@ impl Drop for TestParticipant {
     }
 }
 
+/// How long the pollers wait between looks.
+const POLL_INTERVAL: Duration = Duration::from_millis(5);
+
+/// Calls `check` every few milliseconds until it gives `Ok`, and returns
+/// that; after `within`, the last `Err` it gave (what was seen instead).
+/// The one place tests wait for something to happen.
+pub async fn poll_for<T, F, Fut>(within: Duration, mut check: F) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let give_up = tokio::time::Instant::now() + within;
+    loop {
+        match check().await {
+            Ok(v) => return Ok(v),
+            Err(seen) if tokio::time::Instant::now() >= give_up => return Err(seen),
+            Err(_) => tokio::time::sleep(POLL_INTERVAL).await,
+        }
+    }
+}
+
+/// [`poll_for`] that fails the test on timeout, naming `what` it waited
+/// for and what it saw last.
+pub async fn poll<T, F, Fut>(what: &str, within: Duration, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    match poll_for(within, check).await {
+        Ok(v) => v,
+        Err(seen) => panic!("timed out after {within:?} waiting for {what}; last seen: {seen}"),
+    }
+}
+
 /// Polls `cond` until it holds, failing the test after `within`.
 pub async fn eventually<F, Fut>(what: &str, within: Duration, mut cond: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let give_up = tokio::time::Instant::now() + within;
-    loop {
-        if cond().await {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < give_up, "timed out after {within:?} waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    poll(what, within, || {
+        let holds = cond();
+        async move { if holds.await { Ok(()) } else { Err("not yet".to_owned()) } }
+    })
+    .await
 }
 
 /// A coordinator and participants named `names`, all in-process.
@@ -217,4 +248,58 @@ pub async fn settled(ps: &[TestParticipant]) {
         })
         .await;
     }
+}
+
+/// What a finished process printed, and its exit code (-1 when killed by a
+/// signal).
+pub struct Ran {
+    /// Exit code.
+    pub code: i32,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+/// Runs the built binary `name` with `args` to its end; with `env`, in
+/// exactly that environment.
+pub async fn run_binary(name: &str, args: &[&str], env: Option<&[(&str, &str)]>) -> Ran {
+    let mut cmd = tokio::process::Command::new(twopc_examples::procs::binary(name).expect("the binaries are built"));
+    cmd.args(args);
+    if let Some(env) = env {
+        cmd.env_clear().envs(env.iter().copied());
+    }
+    let out = cmd.output().await.unwrap_or_else(|e| panic!("{name} runs: {e}"));
+    Ran {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// The `twopc` CLI against the coordinator at `coordinator`.
+pub async fn twopc_cli(coordinator: &str, args: &[&str]) -> Ran {
+    let mut all = vec!["--coordinator", coordinator];
+    all.extend_from_slice(args);
+    run_binary("twopc", &all, None).await
+}
+
+/// The example shop services `roles` as processes (each its own RocksDB
+/// under `dir`), joined to the coordinator at `coordinator`.
+pub async fn shop_services(dir: &std::path::Path, coordinator: &str, roles: &[&str]) -> Vec<twopc_examples::procs::Proc> {
+    let bin = twopc_examples::procs::binary("shop-service").expect("the binaries are built");
+    let mut ps = Vec::new();
+    for role in roles {
+        let args: Vec<String> = vec![
+            "--role".into(),
+            (*role).into(),
+            "--data-dir".into(),
+            dir.join(role).display().to_string(),
+            "--coordinator".into(),
+            coordinator.into(),
+        ];
+        let log = dir.join(format!("{role}.log"));
+        ps.push(twopc_examples::procs::Proc::start(role, &bin, &args, &log, Duration::from_secs(60)).await.expect("the service starts"));
+    }
+    ps
 }

@@ -193,16 +193,15 @@ impl Proxy {
         if !listen.ip().is_loopback() {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("proxy must listen on loopback, not {listen}")));
         }
-        let give_up = Instant::now() + REBIND_FOR;
-        let listener = loop {
+        let listener = crate::poll_for(REBIND_FOR, || async {
             match TcpListener::bind(listen).await {
-                Ok(l) => break l,
-                Err(e) if e.kind() == io::ErrorKind::AddrInUse && Instant::now() < give_up => {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                Err(e) => return Err(e),
+                Ok(l) => Ok(Ok(l)),
+                Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(e.to_string()),
+                Err(e) => Ok(Err(e)),
             }
-        };
+        })
+        .await
+        .map_err(|last| io::Error::new(io::ErrorKind::AddrInUse, last))??;
         Self::serve(listener, upstream)
     }
 

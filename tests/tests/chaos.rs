@@ -64,7 +64,9 @@ async fn chaos_run_keeps_all_or_nothing() {
         }));
     }
 
-    // The faults, from the seed.
+    // The faults, from the seed. The sleeps below are the schedule itself
+    // (the gap between faults and how long each lasts); nothing here waits
+    // for a server by sleeping.
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let until = Instant::now() + Duration::from_secs(secs);
     let mut faults: Vec<String> = Vec::new();

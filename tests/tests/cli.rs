@@ -6,42 +6,14 @@
 use std::path::Path;
 use std::time::Duration;
 
-use twopc_examples::procs::{Proc, binary};
+use twopc_examples::procs::Proc;
 
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-async fn twopc(coordinator: &str, args: &[&str]) -> Run {
-    let out = tokio::process::Command::new(binary("twopc").expect("twopc is built"))
-        .arg("--coordinator")
-        .arg(coordinator)
-        .args(args)
-        .output()
-        .await
-        .expect("runs");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
+use twopc_tests::twopc_cli as twopc;
 
 async fn start(dir: &Path) -> (Proc, Vec<Proc>) {
     let within = Duration::from_secs(60);
     let c = Proc::coordinator(&dir.join("c"), &dir.join("c.log"), within).await.expect("coordinator starts");
-    let mut ps = Vec::new();
-    for role in ["wallet", "orders"] {
-        let args: Vec<String> =
-            vec!["--role".into(), role.into(), "--data-dir".into(), dir.join(role).display().to_string(), "--coordinator".into(), c.url()];
-        ps.push(
-            Proc::start(role, &binary("shop-service").expect("built"), &args, &dir.join(format!("{role}.log")), within)
-                .await
-                .expect("service starts"),
-        );
-    }
+    let ps = twopc_tests::shop_services(dir, &c.url(), &["wallet", "orders"]).await;
     (c, ps)
 }
 
@@ -96,12 +68,8 @@ async fn cli_execute_status_and_errors() {
     assert!(one_line(&unreachable.stderr) && unreachable.stderr.contains("cannot reach"), "{}", unreachable.stderr);
 
     // The daemon refuses bad flags with one line and a non-zero exit.
-    let bad = tokio::process::Command::new(binary("twopc-coordinator").expect("built"))
-        .args(["--listen", "nonsense"])
-        .output()
-        .await
-        .expect("runs");
-    assert_ne!(bad.status.code(), Some(0));
+    let bad = twopc_tests::run_binary("twopc-coordinator", &["--listen", "nonsense"], None).await;
+    assert_ne!(bad.code, 0);
 
     for p in ps.iter_mut() {
         let s = p.terminate(Duration::from_secs(10)).await.expect("service stops on SIGTERM");

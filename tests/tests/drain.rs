@@ -40,19 +40,18 @@ async fn sigterm_drains_in_flight_transactions_and_loses_none() {
 
     cluster.coordinator.signal_term().await.expect("SIGTERM");
     // New transactions are refused while it drains.
-    let give_up = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
+    twopc_tests::poll("the draining coordinator to refuse Begin", Duration::from_secs(10), || async {
         match client.begin(Duration::from_secs(5)).await {
-            Err(twopc_participant::ClientError::Unavailable(_)) => break,
+            Err(twopc_participant::ClientError::Unavailable(_)) => Ok(()),
             Ok(t) => {
-                // Begun before the signal landed: abort it and poll again.
+                // Begun before the signal landed: abort it and look again.
                 let _ = t.abort("test").await;
-                assert!(tokio::time::Instant::now() < give_up, "the draining coordinator kept beginning transactions");
-                tokio::time::sleep(Duration::from_millis(5)).await;
+                Err(format!("{} begun", t.id()))
             }
             Err(e) => panic!("unexpected error while draining: {e}"),
         }
-    }
+    })
+    .await;
     let status = client.raw().begin(twopc_proto::pb::BeginRequest { timeout_ms: 0 }).await.expect_err("refused while draining");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     // A transaction already begun still commits.

@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use twopc_examples::pb::DebitRequest;
 use twopc_examples::pb::wallet_client::WalletClient;
-use twopc_examples::procs::{Proc, binary};
+use twopc_examples::procs::Proc;
 use twopc_participant::TxnInterceptor;
 
 const WITHIN: Duration = Duration::from_secs(60);
@@ -36,20 +36,19 @@ async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, body.to_owned())
 }
 
+/// What of `needles` a body lacks.
+fn missing<'a>(body: &str, needles: &[&'a str]) -> Vec<&'a str> {
+    needles.iter().copied().filter(|n| !body.contains(n)).collect()
+}
+
 /// Polls `GET path` until the body contains every needle; returns it.
 async fn scrape_until(addr: SocketAddr, path: &str, needles: &[&str]) -> String {
-    let give_up = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
+    twopc_tests::poll(&format!("{path} with {needles:?}"), Duration::from_secs(20), || async move {
         let (status, body) = get(addr, path).await;
-        if status == 200 && needles.iter().all(|n| body.contains(n)) {
-            return body;
-        }
-        if tokio::time::Instant::now() > give_up {
-            let missing: Vec<&&str> = needles.iter().filter(|n| !body.contains(**n)).collect();
-            panic!("{path} answered {status} without {missing:?}:\n{body}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        let lacks = missing(&body, needles);
+        if status == 200 && lacks.is_empty() { Ok(body) } else { Err(format!("{status}, without {lacks:?}:\n{body}")) }
+    })
+    .await
 }
 
 /// The value of the sample line `series` (name and labels exactly as
@@ -59,45 +58,17 @@ fn sample(body: &str, series: &str) -> Option<f64> {
 }
 
 async fn twopc(coordinator: &str, args: &[&str]) -> (i32, String, String) {
-    let out = tokio::process::Command::new(binary("twopc").expect("twopc is built"))
-        .arg("--coordinator")
-        .arg(coordinator)
-        .args(args)
-        .output()
-        .await
-        .expect("twopc runs");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
-
-async fn start_services(dir: &Path, coordinator: &str) -> Vec<Proc> {
-    let mut ps = Vec::new();
-    for role in ["wallet", "orders"] {
-        let args: Vec<String> = vec![
-            "--role".into(),
-            role.into(),
-            "--data-dir".into(),
-            dir.join(role).display().to_string(),
-            "--coordinator".into(),
-            coordinator.into(),
-        ];
-        ps.push(
-            Proc::start(role, &binary("shop-service").expect("built"), &args, &dir.join(format!("{role}.log")), WITHIN)
-                .await
-                .expect("service starts"),
-        );
-    }
-    ps
+    let r = twopc_tests::twopc_cli(coordinator, args).await;
+    (r.code, r.stdout, r.stderr)
 }
 
 /// The daemon on free loopback ports with its data under `dir`.
 async fn start_coordinator(dir: &Path) -> Proc {
-    let args: Vec<String> =
-        ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--data-dir", &dir.join("c").display().to_string()]
-            .map(String::from)
-            .to_vec();
-    Proc::start("coordinator", &binary("twopc-coordinator").expect("built"), &args, &dir.join("c.log"), WITHIN)
-        .await
-        .expect("coordinator starts")
+    Proc::coordinator(&dir.join("c"), &dir.join("c.log"), WITHIN).await.expect("coordinator starts")
+}
+
+async fn start_services(dir: &Path, coordinator: &str) -> Vec<Proc> {
+    twopc_tests::shop_services(dir, coordinator, &["wallet", "orders"]).await
 }
 
 #[tokio::test]
@@ -157,26 +128,9 @@ async fn admin_listener_serves_metrics_health_and_readiness() {
     assert!(s.success(), "coordinator exited with {s}");
 }
 
-struct Shown {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
 /// `twopc-coordinator ARGS` with exactly the environment `env`.
-async fn coordinator(args: &[&str], env: &[(&str, &str)]) -> Shown {
-    let out = tokio::process::Command::new(binary("twopc-coordinator").expect("built"))
-        .args(args)
-        .env_clear()
-        .envs(env.iter().copied())
-        .output()
-        .await
-        .expect("twopc-coordinator runs");
-    Shown {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+async fn coordinator(args: &[&str], env: &[(&str, &str)]) -> twopc_tests::Ran {
+    twopc_tests::run_binary("twopc-coordinator", args, Some(env)).await
 }
 
 #[tokio::test]
@@ -263,19 +217,12 @@ async fn participant_metrics_reach_the_process_exporter() {
         "twopc_participant_in_doubt{participant=\"wallet\"} 0",
         "twopc_participant_in_doubt{participant=\"orders\"} 0",
     ];
-    let give_up = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
+    twopc_tests::poll("the participants' metrics", Duration::from_secs(20), || {
         let body = metrics.render();
-        if needles.iter().all(|n| body.contains(n)) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < give_up,
-            "missing {:?} in:\n{body}",
-            needles.iter().filter(|n| !body.contains(**n)).collect::<Vec<_>>()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        let lacks = missing(&body, &needles);
+        std::future::ready(if lacks.is_empty() { Ok(()) } else { Err(format!("without {lacks:?}:\n{body}")) })
+    })
+    .await;
     for p in ps {
         p.stop().await;
     }
@@ -301,15 +248,11 @@ async fn timeline(url: &str, txn: &str) -> (serde_json::Value, Vec<(String, Stri
 
 /// The timeline of `txn` once its phase two finished (polled).
 async fn finished_timeline(url: &str, txn: &str) -> Vec<(String, String, String)> {
-    let give_up = tokio::time::Instant::now() + WITHIN;
-    loop {
+    twopc_tests::poll(&format!("phase two of {txn} to finish"), WITHIN, || async move {
         let events = timeline(url, txn).await.1;
-        if events.iter().any(|(k, _, _)| k == "FINISHED") {
-            return events;
-        }
-        assert!(tokio::time::Instant::now() < give_up, "phase two of {txn} did not finish: {events:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        if events.iter().any(|(k, _, _)| k == "FINISHED") { Ok(events) } else { Err(format!("{events:?}")) }
+    })
+    .await
 }
 
 /// Position of the first event of `kind` (for `participant`, when given).

@@ -158,8 +158,7 @@ async fn one_order_is_one_trace_across_the_initiator_the_coordinator_and_three_s
 
     // Every process flushed its spans on exit; poll anyway, since export is
     // asynchronous.
-    let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
-    let (traced, last) = loop {
+    let (traced, last) = twopc_tests::poll("complete traces of the committed orders", Duration::from_secs(30), || {
         let spans = collector.snapshot();
         let orders: Vec<&Got> =
             spans.iter().filter(|s| s.name == "order" && s.attrs.get("via_execute").map(String::as_str) == Some("false")).collect();
@@ -171,12 +170,10 @@ async fn one_order_is_one_trace_across_the_initiator_the_coordinator_and_three_s
         let last = format!("{} spans, {} business-call orders, problems: {problems:?}", spans.len(), orders.len());
         // Only an order that aborted (a refused debit, say) may lack the
         // commit-side spans; at least one must have committed.
-        if orders.len() == 3 && traced >= 1 && problems.iter().all(|p| p.contains("not committed")) {
-            break (traced, last);
-        }
-        assert!(tokio::time::Instant::now() < give_up, "no complete traces within 30 s: {last}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+        let done = orders.len() == 3 && traced >= 1 && problems.iter().all(|p| p.contains("not committed"));
+        std::future::ready(if done { Ok((traced, last)) } else { Err(last) })
+    })
+    .await;
     println!("{traced} of 3 orders traced end to end across {SERVICES:?}; {last}");
     server.abort();
 }
