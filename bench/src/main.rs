@@ -104,6 +104,10 @@ struct Args {
     /// Seed of the workload's key choice.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Let the coordinator commit one-participant transactions in one phase
+    /// (its default); `--one-phase false` measures two phases instead.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    one_phase: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -158,13 +162,17 @@ struct Baseline {
 struct Floor {
     rtt_p50_us: u64,
     fsync_p50_us: u64,
+    /// Client round trip + prepare round trip + the fsyncs on the critical
+    /// path: two, or one when a lone participant commits in one phase.
     two_pc_floor_us: u64,
+    floor_fsyncs: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
 struct Report {
     machine: String,
     participants: u16,
+    one_phase: bool,
     resource: ResourceKind,
     read_only_share: f64,
     abort_share: f64,
@@ -183,7 +191,8 @@ struct Cluster {
 async fn start(args: &Args) -> anyhow::Result<Cluster> {
     let dir = tempfile::tempdir()?;
     let within = Duration::from_secs(60);
-    let coordinator = Proc::coordinator(&dir.path().join("coordinator"), &dir.path().join("coordinator.log"), within).await?;
+    let extra = ["--one-phase".to_owned(), args.one_phase.to_string()];
+    let coordinator = Proc::coordinator_with(&dir.path().join("coordinator"), &dir.path().join("coordinator.log"), within, &extra).await?;
     let mut participants = Vec::new();
     let resource = match args.resource {
         ResourceKind::Kv => "kv",
@@ -370,7 +379,7 @@ where
     total
 }
 
-async fn measure_floor(participant: &Channel) -> anyhow::Result<Floor> {
+async fn measure_floor(participant: &Channel, one_phase: bool) -> anyhow::Result<Floor> {
     let mut direct = pb::direct_client::DirectClient::new(participant.clone());
     let mut h = histogram();
     for i in 0..2_000 {
@@ -394,7 +403,8 @@ async fn measure_floor(participant: &Channel) -> anyhow::Result<Floor> {
         }
     }
     let fsync = f.value_at_quantile(0.5);
-    Ok(Floor { rtt_p50_us: rtt, fsync_p50_us: fsync, two_pc_floor_us: 2 * rtt + 2 * fsync })
+    let floor_fsyncs = if one_phase { 1 } else { 2 };
+    Ok(Floor { rtt_p50_us: rtt, fsync_p50_us: fsync, two_pc_floor_us: 2 * rtt + floor_fsyncs * fsync, floor_fsyncs })
 }
 
 async fn run_level(args: &Args, cluster: &Cluster, concurrency: usize, ticks: f64) -> anyhow::Result<Run> {
@@ -525,8 +535,13 @@ fn ms(us: u64) -> String {
 fn print_table(r: &Report) {
     println!("twopc-bench on {}", r.machine);
     println!(
-        "{} participants, {} resource, read-only share {}, abort share {}, conflict share {}, {:.0} s per run",
+        "{} participant{}, {} resource, read-only share {}, abort share {}, conflict share {}, {:.0} s per run",
         r.participants,
+        match (r.participants, r.one_phase) {
+            (1, true) => " (one-phase commit)",
+            (1, false) => " (two phases)",
+            _ => "s",
+        },
         match r.resource {
             ResourceKind::Kv => "key-value",
             ResourceKind::Noop => "no-op",
@@ -537,9 +552,11 @@ fn print_table(r: &Report) {
         r.duration_s
     );
     println!(
-        "floor: loopback gRPC round trip p50 {} ms, fsync'd write p50 {} ms; 2PC floor (2 round trips + 2 fsyncs) {} ms",
+        "floor: loopback gRPC round trip p50 {} ms, fsync'd write p50 {} ms; floor (2 round trips + {} fsync{}) {} ms",
         ms(r.floor.rtt_p50_us),
         ms(r.floor.fsync_p50_us),
+        r.floor.floor_fsyncs,
+        if r.floor.floor_fsyncs == 1 { ", one phase" } else { "s" },
         ms(r.floor.two_pc_floor_us)
     );
     println!();
@@ -695,7 +712,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         bail!("--concurrency must be at least 1");
     }
     let cluster = start(&args).await?;
-    let floor = measure_floor(&channel(&cluster.participants[0].url())?).await?;
+    let floor = measure_floor(&channel(&cluster.participants[0].url())?, args.one_phase && args.participants == 1).await?;
     let ticks = clock_ticks();
     let levels: Vec<usize> = if args.sweep { vec![1, 4, 16, 64, 256, 1024] } else { vec![args.concurrency] };
     let mut runs = Vec::new();
@@ -708,6 +725,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let report = Report {
         machine: machine(),
         participants: args.participants,
+        one_phase: args.one_phase && args.participants == 1,
         resource: args.resource,
         read_only_share: args.read_only_share,
         abort_share: args.abort_share,

@@ -96,6 +96,13 @@ pub struct Options {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_payload_bytes: Option<usize>,
 
+    /// Commit a transaction with a single participant in one phase (one
+    /// round trip and one fsync, at the participant) instead of two.
+    /// [default: true]
+    #[arg(long, env = "TWOPC_ONE_PHASE", value_name = "BOOL", global = true)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub one_phase: Option<bool>,
+
     /// Log format on stderr: JSON lines, human-readable text, or auto (text
     /// on a terminal, JSON otherwise). [default: auto]
     #[arg(long, env = "TWOPC_LOG_FORMAT", value_enum, global = true)]
@@ -163,6 +170,7 @@ impl Options {
             drain_timeout: Some(config.drain_timeout),
             max_branches: Some(config.max_branches),
             max_payload_bytes: Some(config.max_payload_bytes),
+            one_phase: Some(config.one_phase),
             log_format: Some(daemon.log_format),
             log: Some(daemon.log.clone()),
             otlp_endpoint: daemon.otlp_endpoint.clone(),
@@ -183,6 +191,7 @@ impl Options {
             drain_timeout: self.drain_timeout.or(lower.drain_timeout),
             max_branches: self.max_branches.or(lower.max_branches),
             max_payload_bytes: self.max_payload_bytes.or(lower.max_payload_bytes),
+            one_phase: self.one_phase.or(lower.one_phase),
             log_format: self.log_format.or(lower.log_format),
             log: self.log.or(lower.log),
             otlp_endpoint: self.otlp_endpoint.or(lower.otlp_endpoint),
@@ -249,6 +258,7 @@ impl DaemonConfig {
                 drain_timeout: o.drain_timeout.unwrap_or(d.drain_timeout),
                 max_branches: o.max_branches.unwrap_or(d.max_branches),
                 max_payload_bytes: o.max_payload_bytes.unwrap_or(d.max_payload_bytes),
+                one_phase: o.one_phase.unwrap_or(d.one_phase),
             },
             log_format: o.log_format.unwrap_or(LogFormat::Auto),
             log: o.log.unwrap_or_else(|| "info".to_owned()),

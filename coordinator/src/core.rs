@@ -21,6 +21,19 @@
 //! - Idempotency: every input may arrive twice or late and has one effect;
 //!   stale inputs (votes, acks, timers for a transaction in another state)
 //!   are ignored.
+//! - One-phase commit: a transaction with one participant sends it a
+//!   one-phase Prepare, and the participant's durable answer is the
+//!   outcome: COMMITTED (or NO) — the coordinator never aborts such a
+//!   transaction on its own once the message may have left, it asks again.
+//!   Before the first one-phase Prepare of this run to a participant, a
+//!   marker (this epoch, that participant) is made durable
+//!   ([`Effect::PersistMarker`]). After a restart, the outcome of an
+//!   unknown transaction of a marked run is not presumed: Status answers
+//!   [`CoreError::OutcomeBeingCollected`] until every marked participant has
+//!   answered [`Effect::Collect`] (it fences that run's one-phase Prepares
+//!   and reports what it committed), and the reported commits are recorded.
+//!   A one-phase commit is recorded (synced, off the caller's path) before
+//!   the participant is told to release its own record.
 
 use std::collections::BTreeMap;
 
@@ -52,6 +65,8 @@ pub struct CoreConfig {
     pub retention_ms: u64,
     /// Seed of the retry jitter, so that runs replay.
     pub seed: u64,
+    /// Commit a transaction with a single participant in one phase.
+    pub one_phase: bool,
 }
 
 impl Default for CoreConfig {
@@ -65,6 +80,7 @@ impl Default for CoreConfig {
             abort_delivery_attempts: 8,
             retention_ms: 600_000,
             seed: 0x9E37_79B9_7F4A_7C15,
+            one_phase: true,
         }
     }
 }
@@ -214,6 +230,29 @@ pub enum Input {
         /// The storage error.
         error: String,
     },
+    /// The one-phase marker of `participant` for this run is durable.
+    MarkerDurable {
+        /// The participant.
+        participant: ParticipantName,
+    },
+    /// Writing the one-phase marker of `participant` failed.
+    MarkerFailed {
+        /// The participant.
+        participant: ParticipantName,
+        /// The storage error.
+        error: String,
+    },
+    /// A participant answered [`Effect::Collect`]: the transactions of
+    /// earlier runs it committed in one phase and holds unreleased, or why
+    /// it could not be asked.
+    Collected {
+        /// The participant.
+        participant: ParticipantName,
+        /// Where it was asked.
+        endpoint: String,
+        /// Its answer.
+        result: Result<Vec<TxnId>, String>,
+    },
     /// A timer set by [`Effect::SetTimer`] fired.
     Timer(Timer),
 }
@@ -260,6 +299,8 @@ pub enum Timer {
     Retry(TxnId, ParticipantName),
     /// Drop the finished transaction's details from memory.
     Forget(TxnId),
+    /// Ask a participant again for one-phase outcomes of earlier runs.
+    Collect(ParticipantName),
 }
 
 /// What the core asks the driver to do.
@@ -303,6 +344,30 @@ pub enum Effect {
         payload: Option<Vec<u8>>,
         /// The transaction's deadline, for the participant.
         deadline: UnixMillis,
+        /// Prepare and commit in one step; the answer is the outcome.
+        one_phase: bool,
+    },
+    /// Durably note that this run sends one-phase Prepares to
+    /// `participant`; report [`Input::MarkerDurable`] or
+    /// [`Input::MarkerFailed`].
+    PersistMarker {
+        /// The participant.
+        participant: ParticipantName,
+    },
+    /// Delete the one-phase markers of `participant` for runs `epochs`
+    /// (synced, after every record submitted before it).
+    ClearMarkers {
+        /// The participant.
+        participant: ParticipantName,
+        /// The earlier runs collected.
+        epochs: Vec<u64>,
+    },
+    /// Ask `participant` (at its registered endpoint) for the one-phase
+    /// commits of runs before this one (`Recover`); report
+    /// [`Input::Collected`].
+    Collect {
+        /// The participant.
+        participant: ParticipantName,
     },
     /// Send a phase-two message and report [`Input::Delivered`].
     SendDecision {
@@ -392,6 +457,21 @@ pub enum CoreError {
     /// The decision log failed; the outcome is unknown until recovery.
     #[error("the decision log failed ({0}); the outcome is unknown until the coordinator recovers")]
     LogFailed(String),
+    /// The transaction belongs to an earlier run that committed in one
+    /// phase with participants not yet asked for their outcomes.
+    #[error(
+        "the outcome of transaction {txn} is not known yet: its coordinator run used one-phase commit, and {waiting} has not reported its one-phase outcomes since the restart; retry"
+    )]
+    OutcomeBeingCollected {
+        /// The transaction.
+        txn: TxnId,
+        /// A participant still to answer.
+        waiting: ParticipantName,
+    },
+    /// Abort of a transaction being committed in one phase: its outcome is
+    /// its only participant's to report.
+    #[error("transaction {0} is being committed in one phase; its participant decides the outcome")]
+    OnePhaseInFlight(TxnId),
 }
 
 /// A participant as Status reports it.
@@ -542,6 +622,11 @@ struct Txn {
     /// Writing the decision failed with this error: the outcome is unknown
     /// until a restart recovers it.
     log_failed: Option<String>,
+    /// Committed (or being committed) in one phase.
+    one_phase: bool,
+    /// One phase: the commit is being recorded; the participant is released
+    /// once the record is durable.
+    recording: bool,
 }
 
 /// The coordinator's state machine. See the module docs.
@@ -557,6 +642,17 @@ pub struct Core {
     /// committed (presumed abort).
     horizon: Option<TxnId>,
     rng: u64,
+    /// One-phase markers of this run, by participant.
+    markers: BTreeMap<ParticipantName, Marker>,
+    /// Earlier runs' one-phase markers not yet collected, by participant.
+    uncollected: BTreeMap<ParticipantName, Vec<u64>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+struct Marker {
+    durable: bool,
+    /// One-phase transactions waiting for the marker.
+    waiting: Vec<TxnId>,
 }
 
 impl Core {
@@ -565,7 +661,35 @@ impl Core {
     pub fn new(epoch: u64, config: CoreConfig) -> Self {
         assert!(epoch > 0, "epochs start at 1");
         let rng = config.seed | 1;
-        Core { config, epoch, next_seq: 1, txns: BTreeMap::new(), horizon: None, rng }
+        Core {
+            config,
+            epoch,
+            next_seq: 1,
+            txns: BTreeMap::new(),
+            horizon: None,
+            rng,
+            markers: BTreeMap::new(),
+            uncollected: BTreeMap::new(),
+        }
+    }
+
+    /// Loads the one-phase markers of earlier runs at start (after
+    /// [`Core::recover`]): until each marked participant has reported its
+    /// one-phase commits, the outcome of an unknown transaction of a marked
+    /// run is not presumed. Returns the effects that ask them.
+    pub fn recover_markers(&mut self, markers: Vec<(u64, ParticipantName)>) -> Vec<Effect> {
+        for (epoch, participant) in markers {
+            if epoch < self.epoch {
+                self.uncollected.entry(participant).or_default().push(epoch);
+            }
+        }
+        self.uncollected.keys().map(|p| Effect::Collect { participant: p.clone() }).collect()
+    }
+
+    /// Participants whose one-phase outcomes of earlier runs are not yet
+    /// collected. Read-only, for metrics and tests.
+    pub fn uncollected(&self) -> Vec<ParticipantName> {
+        self.uncollected.keys().cloned().collect()
     }
 
     /// This run's epoch.
@@ -589,6 +713,12 @@ impl Core {
     /// driver's timelines.
     pub fn abort_reason(&self, txn: TxnId) -> Option<&AbortReason> {
         self.txns.get(&txn).and_then(|t| t.abort_reason.as_ref())
+    }
+
+    /// The participant of `txn` if it is committed, or being committed, in
+    /// one phase. Read-only, for the driver's timelines.
+    pub fn one_phase_participant(&self, txn: TxnId) -> Option<&ParticipantName> {
+        self.txns.get(&txn).filter(|t| t.one_phase).and_then(|t| t.participants.0.first()).map(|(n, _)| n)
     }
 
     /// How many transactions are in doubt (as [`Reply::List`] counts them)
@@ -632,6 +762,8 @@ impl Core {
                 abort_reason: None,
                 finished: record.ended,
                 log_failed: None,
+                one_phase: false,
+                recording: false,
             };
             self.txns.insert(txn, t);
             if record.ended {
@@ -744,15 +876,138 @@ impl Core {
                     }
                 }
             }
+            Input::MarkerDurable { participant } => {
+                let Some(m) = self.markers.get_mut(&participant) else { return out };
+                m.durable = true;
+                for txn in std::mem::take(&mut m.waiting) {
+                    self.send_one_phase(&mut out, txn);
+                }
+            }
+            Input::MarkerFailed { participant, error } => {
+                // Nothing was sent to the waiting transactions: abort them.
+                // The next one-phase transaction writes the marker again.
+                let Some(m) = self.markers.remove(&participant) else { return out };
+                for txn in m.waiting {
+                    if self.txns.get(&txn).is_some_and(|t| t.state == TxnState::Preparing) {
+                        let reason = AbortReason::at(
+                            AbortCode::PrepareFailed,
+                            &participant,
+                            format!("could not record the use of one-phase commit: {error}"),
+                        );
+                        self.abort(&mut out, now, txn, reason);
+                    }
+                }
+            }
+            Input::Collected { participant, endpoint, result } => self.collected(&mut out, now, participant, endpoint, result),
             Input::Timer(timer) => self.timer(&mut out, now, timer),
         }
         out
+    }
+
+    /// Sends the one-phase Prepare of `txn` (its marker is durable), unless
+    /// it was answered meanwhile.
+    fn send_one_phase(&mut self, out: &mut Vec<Effect>, txn: TxnId) {
+        let Some(t) = self.txns.get_mut(&txn) else { return };
+        if t.state != TxnState::Preparing || !t.one_phase {
+            return;
+        }
+        let deadline = t.deadline;
+        if let Some((name, b)) = t.participants.0.first_mut()
+            && b.vote.is_none()
+        {
+            b.delivering = true;
+            out.push(Effect::SendPrepare {
+                txn,
+                participant: name.clone(),
+                endpoint: b.endpoint.clone(),
+                // Kept: a one-phase Prepare is sent again until answered.
+                payload: b.payload.clone(),
+                deadline,
+                one_phase: true,
+            });
+        }
+    }
+
+    fn collected(
+        &mut self,
+        out: &mut Vec<Effect>,
+        now: UnixMillis,
+        participant: ParticipantName,
+        endpoint: String,
+        result: Result<Vec<TxnId>, String>,
+    ) {
+        if !self.uncollected.contains_key(&participant) {
+            return;
+        }
+        let txns = match result {
+            Ok(txns) => txns,
+            Err(_) => {
+                let at = now.plus(self.config.retry_max_ms);
+                out.push(Effect::SetTimer { at, timer: Timer::Collect(participant) });
+                return;
+            }
+        };
+        let epochs = self.uncollected.remove(&participant).unwrap_or_default();
+        for txn in txns {
+            // Only transactions of the collected runs: anything else is not
+            // this participant's to report.
+            if !epochs.contains(&txn.epoch) || self.txns.contains_key(&txn) {
+                continue;
+            }
+            let branch = Branch {
+                endpoint: endpoint.clone(),
+                payload: None,
+                vote: Some(Vote::Committed),
+                acked: false,
+                retries: 0,
+                delivering: false,
+                retry_scheduled: false,
+                incarnation: 0,
+            };
+            self.txns.insert(
+                txn,
+                Txn {
+                    state: TxnState::Committed,
+                    deadline: now,
+                    created: now,
+                    participants: std::iter::once((participant.clone(), branch)).collect(),
+                    waiters: Vec::new(),
+                    abort_reason: None,
+                    finished: false,
+                    log_failed: None,
+                    one_phase: true,
+                    recording: true,
+                },
+            );
+            out.push(Effect::PersistDecision {
+                txn,
+                record: DecisionRecord {
+                    participants: vec![LoggedParticipant { name: participant.as_str().to_owned(), endpoint: endpoint.clone() }],
+                    decided_unix_ms: now.0,
+                    ended: false,
+                },
+                synced: true,
+            });
+        }
+        // Written after the records above, so a crash in between only
+        // collects again.
+        out.push(Effect::ClearMarkers { participant, epochs });
     }
 
     /// Not held, and at or below the horizon: it may have committed and been
     /// garbage-collected, so its outcome is no longer known.
     fn forgotten(&self, txn: TxnId) -> bool {
         !self.txns.contains_key(&txn) && self.horizon.is_some_and(|h| txn <= h)
+    }
+
+    /// Not held, of an earlier run that used one-phase commit with a
+    /// participant not collected yet: it may have committed there.
+    fn collecting(&self, txn: TxnId) -> Option<CoreError> {
+        if self.txns.contains_key(&txn) || txn.epoch >= self.epoch {
+            return None;
+        }
+        let (waiting, _) = self.uncollected.iter().find(|(_, epochs)| epochs.contains(&txn.epoch))?;
+        Some(CoreError::OutcomeBeingCollected { txn, waiting: waiting.clone() })
     }
 
     fn issued(&self, txn: TxnId) -> bool {
@@ -778,6 +1033,8 @@ impl Core {
                 abort_reason: None,
                 finished: false,
                 log_failed: None,
+                one_phase: false,
+                recording: false,
             },
         );
         Ok((txn, deadline, Effect::SetTimer { at: deadline, timer: Timer::Deadline(txn) }))
@@ -859,6 +1116,8 @@ impl Core {
         let Some(t) = self.txns.get_mut(&txn) else {
             let r = if self.forgotten(txn) {
                 Reply::Error(CoreError::Forgotten(txn))
+            } else if let Some(e) = self.collecting(txn) {
+                Reply::Error(e)
             } else if self.issued(txn) {
                 Reply::Outcome { txn, outcome: Outcome::Aborted(presumed_reason()) }
             } else {
@@ -889,6 +1148,22 @@ impl Core {
                 });
                 out.push(Effect::SetTimer { at: now.plus(self.config.retention_ms), timer: Timer::Forget(txn) });
             }
+            TxnState::Active if self.config.one_phase && t.participants.0.len() == 1 => {
+                t.state = TxnState::Preparing;
+                t.one_phase = true;
+                t.waiters.push(req);
+                let at = now.plus(self.config.prepare_timeout_ms).min(t.deadline);
+                out.push(Effect::SetTimer { at, timer: Timer::PrepareTimeout(txn) });
+                let name = t.participants.0[0].0.clone();
+                match self.markers.get_mut(&name) {
+                    Some(m) if m.durable => self.send_one_phase(out, txn),
+                    Some(m) => m.waiting.push(txn),
+                    None => {
+                        self.markers.insert(name.clone(), Marker { durable: false, waiting: vec![txn] });
+                        out.push(Effect::PersistMarker { participant: name });
+                    }
+                }
+            }
             TxnState::Active => {
                 t.state = TxnState::Preparing;
                 t.waiters.push(req);
@@ -901,6 +1176,7 @@ impl Core {
                         endpoint: b.endpoint.clone(),
                         payload: b.payload.take(),
                         deadline: t.deadline,
+                        one_phase: false,
                     });
                 }
                 let at = now.plus(self.config.prepare_timeout_ms).min(t.deadline);
@@ -920,15 +1196,17 @@ impl Core {
     }
 
     fn abort_request(&mut self, out: &mut Vec<Effect>, now: UnixMillis, req: ReqId, txn: TxnId, reason: AbortReason) {
-        let r = match self.txns.get(&txn).map(|t| t.state) {
-            Some(TxnState::Active | TxnState::Preparing) => {
+        let r = match self.txns.get(&txn).map(|t| (t.state, t.one_phase)) {
+            Some((TxnState::Preparing, true)) => Reply::Error(CoreError::OnePhaseInFlight(txn)),
+            Some((TxnState::Active | TxnState::Preparing, _)) => {
                 self.abort(out, now, txn, reason);
                 Reply::Aborted { txn }
             }
             // (Forgotten is only ever reported, never held.)
-            Some(TxnState::Aborted | TxnState::Forgotten) => Reply::Aborted { txn },
-            Some(TxnState::Deciding | TxnState::Committed) => Reply::Error(CoreError::AlreadyCommitted(txn)),
+            Some((TxnState::Aborted | TxnState::Forgotten, _)) => Reply::Aborted { txn },
+            Some((TxnState::Deciding | TxnState::Committed, _)) => Reply::Error(CoreError::AlreadyCommitted(txn)),
             None if self.forgotten(txn) => Reply::Error(CoreError::Forgotten(txn)),
+            None if let Some(e) = self.collecting(txn) => Reply::Error(e),
             None if self.issued(txn) => Reply::Aborted { txn },
             None => Reply::Error(CoreError::NotFound(txn)),
         };
@@ -955,6 +1233,44 @@ impl Core {
         if b.vote.is_some() {
             return; // duplicate
         }
+        if t.one_phase {
+            b.delivering = false;
+            match vote {
+                Ok(Vote::Committed) => {
+                    // The participant's durable commit is the decision.
+                    // Record it (off the callers' path); release the
+                    // participant's record once ours is durable.
+                    b.vote = Some(Vote::Committed);
+                    t.state = TxnState::Committed;
+                    t.recording = true;
+                    for w in std::mem::take(&mut t.waiters) {
+                        out.push(reply(w, Reply::Outcome { txn, outcome: Outcome::Committed }));
+                    }
+                    let record = DecisionRecord {
+                        participants: vec![LoggedParticipant { name: participant.as_str().to_owned(), endpoint: b.endpoint.clone() }],
+                        decided_unix_ms: now.0,
+                        ended: false,
+                    };
+                    out.push(Effect::PersistDecision { txn, record, synced: true });
+                    return;
+                }
+                Err(_) => {
+                    // Unknown whether it committed: ask again (the same
+                    // Prepare is answered with the same outcome).
+                    b.retries += 1;
+                    if !b.retry_scheduled {
+                        b.retry_scheduled = true;
+                        let delay = backoff(&mut self.rng, b.retries, self.config.retry_base_ms, self.config.retry_max_ms);
+                        out.push(Effect::SetTimer { at: now.plus(delay), timer: Timer::Retry(txn, participant) });
+                    }
+                    return;
+                }
+                // A participant that does not know one-phase commit answers
+                // YES: carry on with two phases. NO and READ_ONLY mean the
+                // same in both.
+                Ok(_) => t.one_phase = false,
+            }
+        }
         match vote {
             Ok(Vote::No(detail)) => {
                 b.vote = Some(Vote::No(detail.clone()));
@@ -963,6 +1279,10 @@ impl Core {
                 self.abort(out, now, txn, AbortReason::at(AbortCode::ParticipantVotedNo, &participant, detail));
             }
             Err(e) => self.abort(out, now, txn, AbortReason::at(AbortCode::PrepareFailed, &participant, e)),
+            Ok(Vote::Committed) => {
+                let e = "answered COMMITTED to a two-phase prepare".to_owned();
+                self.abort(out, now, txn, AbortReason::at(AbortCode::PrepareFailed, &participant, e))
+            }
             Ok(v) => {
                 if v == Vote::ReadOnly {
                     b.acked = true;
@@ -1005,6 +1325,12 @@ impl Core {
 
     fn durable(&mut self, out: &mut Vec<Effect>, now: UnixMillis, txn: TxnId) {
         let Some(t) = self.txns.get_mut(&txn) else { return };
+        if t.state == TxnState::Committed && t.recording {
+            // A one-phase commit is recorded: the participant may release.
+            t.recording = false;
+            self.send_phase_two(out, now, txn, PhaseTwo::Commit(DecisionDurable { _private: () }));
+            return;
+        }
         if t.state != TxnState::Deciding {
             return;
         }
@@ -1075,10 +1401,7 @@ impl Core {
                     return;
                 }
                 b.retry_scheduled = true;
-                let shift = b.retries.min(20);
-                let cap = base.saturating_mul(1u64 << shift).min(max).max(1);
-                // Full jitter in [cap/2, cap].
-                let delay = cap / 2 + twopc_proto::jitter(&mut self.rng) % (cap / 2 + 1);
+                let delay = backoff(&mut self.rng, b.retries, base, max);
                 out.push(Effect::SetTimer { at: now.plus(delay), timer: Timer::Retry(txn, participant) });
             }
         }
@@ -1094,7 +1417,7 @@ impl Core {
             let participants = t
                 .participants
                 .iter()
-                .filter(|(_, b)| b.vote == Some(Vote::Yes))
+                .filter(|(_, b)| matches!(b.vote, Some(Vote::Yes | Vote::Committed)))
                 .map(|(n, b)| LoggedParticipant { name: n.as_str().to_owned(), endpoint: b.endpoint.clone() })
                 .collect();
             out.push(Effect::PersistDecision {
@@ -1109,14 +1432,30 @@ impl Core {
     fn timer(&mut self, out: &mut Vec<Effect>, now: UnixMillis, timer: Timer) {
         match timer {
             Timer::Deadline(txn) => {
+                // A one-phase Prepare may have committed: its participant
+                // decides (and refuses it once the deadline has passed).
                 if let Some(t) = self.txns.get(&txn)
                     && matches!(t.state, TxnState::Active | TxnState::Preparing)
+                    && !(t.one_phase && t.state == TxnState::Preparing)
                 {
                     self.abort(out, now, txn, AbortReason::new(AbortCode::DeadlineExceeded, "deadline passed before a decision"));
                 }
             }
             Timer::PrepareTimeout(txn) => {
-                if let Some(t) = self.txns.get(&txn)
+                if let Some(t) = self.txns.get_mut(&txn)
+                    && t.state == TxnState::Preparing
+                    && t.one_phase
+                {
+                    // No answer yet: ask again (unless a retry is set or the
+                    // marker is still being written), and keep waiting.
+                    let at = now.plus(self.config.prepare_timeout_ms);
+                    out.push(Effect::SetTimer { at, timer: Timer::PrepareTimeout(txn) });
+                    let name = t.participants.0.first().map(|(n, _)| n.clone());
+                    let idle = t.participants.values().all(|b| !b.retry_scheduled);
+                    if idle && name.and_then(|n| self.markers.get(&n)).is_some_and(|m| m.durable) {
+                        self.send_one_phase(out, txn);
+                    }
+                } else if let Some(t) = self.txns.get(&txn)
                     && t.state == TxnState::Preparing
                 {
                     let silent: Vec<&str> = t.participants.iter().filter(|(_, b)| b.vote.is_none()).map(|(n, _)| n.as_str()).collect();
@@ -1131,6 +1470,14 @@ impl Core {
             }
             Timer::Retry(txn, participant) => {
                 let Some(t) = self.txns.get_mut(&txn) else { return };
+                if t.state == TxnState::Preparing && t.one_phase {
+                    if let Some(b) = t.participants.get_mut(&participant)
+                        && std::mem::take(&mut b.retry_scheduled)
+                    {
+                        self.send_one_phase(out, txn);
+                    }
+                    return;
+                }
                 let decision = match t.state {
                     // Only reachable after durable(): recovery or the
                     // Durable input made the decision, so the proof holds.
@@ -1144,6 +1491,11 @@ impl Core {
                 {
                     b.retry_scheduled = false;
                     out.push(Effect::SendDecision { txn, participant, endpoint: b.endpoint.clone(), decision });
+                }
+            }
+            Timer::Collect(participant) => {
+                if self.uncollected.contains_key(&participant) {
+                    out.push(Effect::Collect { participant });
                 }
             }
             Timer::Forget(txn) => {
@@ -1199,6 +1551,8 @@ impl Core {
         };
         if self.forgotten(txn) {
             Reply::Status(brief(TxnState::Forgotten, None))
+        } else if let Some(e) = self.collecting(txn) {
+            Reply::Error(e)
         } else if self.issued(txn) {
             Reply::Status(brief(TxnState::Aborted, Some(presumed_reason())))
         } else {
@@ -1211,6 +1565,12 @@ impl Core {
 /// waiting for the outcome.
 fn in_doubt(t: &Txn) -> bool {
     !t.finished && t.state != TxnState::Active
+}
+
+/// Exponential backoff with full jitter in [cap/2, cap].
+fn backoff(rng: &mut u64, retries: u32, base: u64, max: u64) -> u64 {
+    let cap = base.saturating_mul(1u64 << retries.min(20)).min(max).max(1);
+    cap / 2 + twopc_proto::jitter(rng) % (cap / 2 + 1)
 }
 
 fn reply(req: ReqId, reply: Reply) -> Effect {

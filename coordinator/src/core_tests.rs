@@ -45,6 +45,8 @@ fn config() -> CoreConfig {
         abort_delivery_attempts: ABORT_ATTEMPTS,
         retention_ms: RETENTION,
         seed: 42,
+        // Most tests here are of two phases; `one_phase` has its own.
+        one_phase: false,
     }
 }
 
@@ -74,6 +76,10 @@ enum Fx {
     Decide { txn: TxnId, to: ParticipantName, endpoint: String, commit: bool },
     Timer(UnixMillis, Timer),
     ForgetDecision { txn: TxnId, horizon: TxnId },
+    OnePhase { txn: TxnId, to: ParticipantName, payload: Option<Vec<u8>> },
+    Marker(ParticipantName),
+    ClearMarkers(ParticipantName, Vec<u64>),
+    Collect(ParticipantName),
 }
 
 fn norm(effects: Vec<Effect>) -> Vec<Fx> {
@@ -82,9 +88,13 @@ fn norm(effects: Vec<Effect>) -> Vec<Fx> {
         .map(|e| match e {
             Effect::Reply { req, reply } => Fx::Reply(req, reply),
             Effect::PersistDecision { txn, record, synced } => Fx::Persist { txn, record, synced },
-            Effect::SendPrepare { txn, participant, endpoint, payload, deadline } => {
+            Effect::SendPrepare { txn, participant, payload, one_phase: true, .. } => Fx::OnePhase { txn, to: participant, payload },
+            Effect::SendPrepare { txn, participant, endpoint, payload, deadline, one_phase: false } => {
                 Fx::Prepare { txn, to: participant, endpoint, payload, deadline }
             }
+            Effect::PersistMarker { participant } => Fx::Marker(participant),
+            Effect::ClearMarkers { participant, epochs } => Fx::ClearMarkers(participant, epochs),
+            Effect::Collect { participant } => Fx::Collect(participant),
             Effect::SendDecision { txn, participant, endpoint, decision } => {
                 Fx::Decide { txn, to: participant, endpoint, commit: matches!(decision, PhaseTwo::Commit(_)) }
             }
@@ -2482,8 +2492,12 @@ impl Explorer {
                             s.forget_set = true;
                         }
                         Timer::PrepareTimeout(_) => {}
+                        Timer::Collect(p) => panic!("{}: a Collect timer for {p} with one-phase commit off", self.ctx),
                     }
                     self.timers.push((at, timer));
+                }
+                e @ (Effect::PersistMarker { .. } | Effect::ClearMarkers { .. } | Effect::Collect { .. }) => {
+                    panic!("{}: {e:?} with one-phase commit off", self.ctx)
                 }
             }
         }
@@ -2702,4 +2716,155 @@ fn explore() {
 #[test]
 fn random_inputs_never_change_a_decision() {
     explore();
+}
+
+// ---------------------------------------------------------------------------
+// One-phase commit
+
+fn one_phase_core(epoch: u64) -> H {
+    H { core: Core::new(epoch, CoreConfig { one_phase: true, ..config() }), next_req: 100 }
+}
+
+fn one_phase_fx(txn: TxnId, name: &str, payload: Option<&[u8]>) -> Fx {
+    Fx::OnePhase { txn, to: p(name), payload: payload.map(<[u8]>::to_vec) }
+}
+
+#[test]
+fn one_participant_commits_in_one_phase_after_the_marker_is_durable() {
+    let mut h = one_phase_core(EPOCH);
+    let fx = h.step(
+        T0,
+        Input::Execute {
+            req: 1,
+            branches: vec![ExecBranch { participant: p("a"), endpoint: ep("a"), payload: b"x".to_vec() }],
+            timeout_ms: 0,
+        },
+    );
+    let txn = TxnId { epoch: EPOCH, seq: 1 };
+    // Nothing leaves before the marker is durable.
+    assert_eq!(
+        fx,
+        vec![
+            Fx::Timer(at(DEFAULT_TIMEOUT), Timer::Deadline(txn)),
+            Fx::Timer(at(PREPARE_TIMEOUT), Timer::PrepareTimeout(txn)),
+            Fx::Marker(p("a"))
+        ]
+    );
+    assert_eq!(h.step(at(5), Input::MarkerDurable { participant: p("a") }), vec![one_phase_fx(txn, "a", Some(b"x"))]);
+    // The participant's answer is the outcome: the caller hears it at once;
+    // the record follows, and only once it is durable is the participant
+    // told to release its own.
+    let fx = h.vote(at(10), txn, "a", Ok(Vote::Committed));
+    assert_eq!(fx, vec![committed_fx(1, txn), Fx::Persist { txn, record: decision_record(&["a"], at(10), false), synced: true }]);
+    assert_eq!(h.txn_status(at(11), txn).state, TxnState::Committed);
+    assert_eq!(h.durable(at(20), txn), vec![commit_to(txn, "a")]);
+    let fx = h.delivered(at(30), txn, "a", Ok(()));
+    assert_eq!(fx, vec![Fx::Persist { txn, record: decision_record(&["a"], at(30), true), synced: false }, forget_fx(at(30), txn)]);
+
+    // A second one-phase transaction to the same participant needs no
+    // second marker.
+    let fx = h.step(
+        at(40),
+        Input::Execute {
+            req: 2,
+            branches: vec![ExecBranch { participant: p("a"), endpoint: ep("a"), payload: b"y".to_vec() }],
+            timeout_ms: 0,
+        },
+    );
+    let second = TxnId { epoch: EPOCH, seq: 2 };
+    assert!(fx.contains(&one_phase_fx(second, "a", Some(b"y"))), "{fx:?}");
+    assert!(!fx.iter().any(|f| matches!(f, Fx::Marker(_))), "{fx:?}");
+}
+
+#[test]
+fn a_one_phase_no_aborts_and_a_lost_answer_is_asked_again_never_aborted() {
+    let mut h = one_phase_core(EPOCH);
+    let (txn, deadline) = h.active(&["a"]);
+    let (req, fx) = h.commit(at(100), txn);
+    assert_eq!(fx, vec![Fx::Timer(at(100 + PREPARE_TIMEOUT), Timer::PrepareTimeout(txn)), Fx::Marker(p("a"))]);
+    assert_eq!(h.step(at(105), Input::MarkerDurable { participant: p("a") }), vec![one_phase_fx(txn, "a", None)]);
+    // The answer is lost: whether it committed is unknown, so the
+    // coordinator neither aborts nor lets the initiator abort, at the
+    // prepare timeout or the deadline; it asks again.
+    let fx = h.vote(at(110), txn, "a", Err("connection reset".into()));
+    let retry_at = match fx.as_slice() {
+        [Fx::Timer(t, Timer::Retry(x, n))] if *x == txn && *n == p("a") => *t,
+        other => panic!("expected one retry timer, got {other:?}"),
+    };
+    assert_eq!(h.timer(retry_at, Timer::Retry(txn, p("a"))), vec![one_phase_fx(txn, "a", None)]);
+    let (abort_req, fx) = h.abort(at(200), txn, "changed my mind");
+    assert_eq!(fx, vec![error_fx(abort_req, CoreError::OnePhaseInFlight(txn))]);
+    assert_eq!(h.timer(deadline, Timer::Deadline(txn)), vec![]);
+    assert_eq!(h.txn_status(deadline, txn).state, TxnState::Preparing);
+    // NO is final and needs no phase two (the participant aborted).
+    let fx = h.vote(deadline.plus(1), txn, "a", Ok(Vote::No("insufficient funds".into())));
+    let reason = AbortReason::at(AbortCode::ParticipantVotedNo, &p("a"), "insufficient funds");
+    assert_eq!(fx, vec![aborted_fx(req, txn, reason), forget_fx(deadline.plus(1), txn)]);
+}
+
+#[test]
+fn a_participant_that_answers_yes_to_one_phase_gets_two_phases() {
+    let mut h = one_phase_core(EPOCH);
+    let (txn, _) = h.active(&["a"]);
+    let (req, _) = h.commit(at(100), txn);
+    let _ = h.step(at(105), Input::MarkerDurable { participant: p("a") });
+    assert_eq!(
+        h.vote(at(110), txn, "a", Ok(Vote::Yes)),
+        vec![Fx::Persist { txn, record: decision_record(&["a"], at(110), false), synced: true }]
+    );
+    assert_eq!(h.durable(at(120), txn), vec![committed_fx(req, txn), commit_to(txn, "a")]);
+}
+
+#[test]
+fn a_failed_marker_write_aborts_what_waited_for_it() {
+    let mut h = one_phase_core(EPOCH);
+    let (txn, _) = h.active(&["a"]);
+    let (req, _) = h.commit(at(100), txn);
+    let fx = h.step(at(105), Input::MarkerFailed { participant: p("a"), error: "disk full".into() });
+    let reason = AbortReason::at(AbortCode::PrepareFailed, &p("a"), "could not record the use of one-phase commit: disk full");
+    assert_eq!(replies_to(&fx, req), vec![Reply::Outcome { txn, outcome: Outcome::Aborted(reason) }]);
+    assert!(fx.iter().all(|f| !matches!(f, Fx::OnePhase { .. })), "nothing may be sent: {fx:?}");
+}
+
+#[test]
+fn after_a_restart_unknown_transactions_of_a_marked_run_wait_for_collection() {
+    // Run 1 used one phase with "a" and "b"; run 2 starts.
+    let mut h = one_phase_core(EPOCH + 1);
+    let _ = h.core.recover(T0, Vec::new(), None);
+    let fx = norm(h.core.recover_markers(vec![(EPOCH, p("a")), (EPOCH, p("b"))]));
+    assert_eq!(fx, vec![Fx::Collect(p("a")), Fx::Collect(p("b"))]);
+    let committed = TxnId { epoch: EPOCH, seq: 7 };
+    let other = TxnId { epoch: EPOCH, seq: 8 };
+    let waiting = |name: &str, txn| Reply::Error(CoreError::OutcomeBeingCollected { txn, waiting: p(name) });
+    assert_eq!(h.status(at(1), other), waiting("a", other));
+    let (req, fx) = h.commit(at(1), other);
+    assert_eq!(fx, vec![error_fx(req, CoreError::OutcomeBeingCollected { txn: other, waiting: p("a") })]);
+    let (req, fx) = h.abort(at(1), other, "");
+    assert_eq!(fx, vec![error_fx(req, CoreError::OutcomeBeingCollected { txn: other, waiting: p("a") })]);
+    // "a" cannot be reached yet: asked again later.
+    let fx = h.step(at(2), Input::Collected { participant: p("a"), endpoint: ep("a"), result: Err("unreachable".into()) });
+    assert_eq!(fx, vec![Fx::Timer(at(2 + RETRY_MAX), Timer::Collect(p("a")))]);
+    assert_eq!(h.timer(at(2 + RETRY_MAX), Timer::Collect(p("a"))), vec![Fx::Collect(p("a"))]);
+    // "a" reports one commit: recorded, then released; the markers go after.
+    let fx = h.step(at(3), Input::Collected { participant: p("a"), endpoint: ep("a"), result: Ok(vec![committed]) });
+    assert_eq!(
+        fx,
+        vec![
+            Fx::Persist { txn: committed, record: decision_record(&["a"], at(3), false), synced: true },
+            Fx::ClearMarkers(p("a"), vec![EPOCH])
+        ]
+    );
+    assert_eq!(h.txn_status(at(3), committed).state, TxnState::Committed);
+    assert_eq!(h.status(at(3), other), waiting("b", other));
+    assert_eq!(h.durable(at(4), committed), vec![commit_to(committed, "a")]);
+    // "b" reports nothing: the rest of run 1 is presumed aborted again.
+    let fx = h.step(at(5), Input::Collected { participant: p("b"), endpoint: ep("b"), result: Ok(vec![]) });
+    assert_eq!(fx, vec![Fx::ClearMarkers(p("b"), vec![EPOCH])]);
+    match h.status(at(6), other) {
+        Reply::Status(s) => assert_eq!((s.state, s.presumed), (TxnState::Aborted, true)),
+        r => panic!("{r:?}"),
+    }
+    // A late timer or answer changes nothing.
+    assert_eq!(h.timer(at(7), Timer::Collect(p("a"))), vec![]);
+    assert_eq!(h.step(at(8), Input::Collected { participant: p("b"), endpoint: ep("b"), result: Ok(vec![other]) }), vec![]);
 }

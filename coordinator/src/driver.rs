@@ -265,7 +265,11 @@ fn effect_txn(effect: &Effect) -> Option<TxnId> {
         Effect::SetTimer {
             timer: Timer::Deadline(txn) | Timer::PrepareTimeout(txn) | Timer::Retry(txn, _) | Timer::Forget(txn), ..
         } => Some(*txn),
-        Effect::Reply { .. } => None,
+        Effect::Reply { .. }
+        | Effect::PersistMarker { .. }
+        | Effect::ClearMarkers { .. }
+        | Effect::Collect { .. }
+        | Effect::SetTimer { timer: Timer::Collect(_), .. } => None,
     }
 }
 
@@ -513,7 +517,10 @@ impl Driver {
                 metrics::histogram!(instruments::TRANSACTION_SECONDS, "outcome" => outcome).record(seconds(t.begun, now));
             }
             if state == TxnState::Committed {
-                track.push(K::Committed, None, "decision durable");
+                match self.core.one_phase_participant(txn) {
+                    Some(p) => track.push(K::Committed, None, format!("committed in one phase by {p}")),
+                    None => track.push(K::Committed, None, "decision durable"),
+                }
             } else {
                 let why = self.core.abort_reason(txn).map(|r| r.to_string()).unwrap_or_default();
                 track.push(K::Aborted, None, why);
@@ -665,10 +672,10 @@ impl Driver {
                     }),
                 );
             }
-            Effect::SendPrepare { txn, participant, endpoint, payload, deadline } => {
+            Effect::SendPrepare { txn, participant, endpoint, payload, deadline, one_phase } => {
                 let span = match self.tracks.live.get_mut(&txn) {
                     Some(t) => {
-                        t.push(pb::TimelineEventKind::PrepareSent, Some(&participant), "");
+                        t.push(pb::TimelineEventKind::PrepareSent, Some(&participant), if one_phase { "one phase" } else { "" });
                         tracing::debug_span!(parent: t.call_parent(), "prepare_call", txn_id = %txn, participant = %participant, %endpoint)
                     }
                     None => Span::none(),
@@ -678,6 +685,7 @@ impl Driver {
                     coordinator_epoch: self.core.epoch(),
                     payload,
                     deadline_unix_ms: deadline.0,
+                    one_phase,
                 });
                 let timeout = self.config.prepare_rpc_timeout;
                 self.enqueue(endpoint, Outgoing { txn, participant, body, span, timeout });
@@ -705,8 +713,77 @@ impl Driver {
                 let timeout = self.config.decision_rpc_timeout;
                 self.enqueue(endpoint, Outgoing { txn, participant, body, span, timeout });
             }
+            Effect::PersistMarker { participant } => {
+                let (tx, runtime) = (self.tx.clone(), tokio::runtime::Handle::current());
+                let p = participant.clone();
+                self.log.persist_marker_then(
+                    self.core.epoch(),
+                    &participant,
+                    Box::new(move |result| {
+                        let input = match result {
+                            Ok(()) => Input::MarkerDurable { participant: p },
+                            Err(e) => {
+                                error!(participant = %p, error = %e, "one-phase marker write failed");
+                                Input::MarkerFailed { participant: p, error: e.to_string() }
+                            }
+                        };
+                        twopc_storage::hand_over(&tx, &runtime, Msg::Internal(input));
+                    }),
+                );
+            }
+            Effect::ClearMarkers { participant, epochs } => {
+                let p = participant.clone();
+                self.log.clear_markers_then(
+                    &participant,
+                    &epochs,
+                    Box::new(move |result| {
+                        if let Err(e) = result {
+                            warn!(participant = %p, error = %e, "could not delete collected one-phase markers; collected again after a restart");
+                        }
+                    }),
+                );
+            }
+            Effect::Collect { participant } => {
+                let endpoint = self.registry.get(&participant);
+                let client = endpoint.as_deref().map(|e| self.client(e));
+                let (tx, epoch, timeout) = (self.tx.clone(), self.core.epoch(), self.config.decision_rpc_timeout);
+                tokio::spawn(async move {
+                    let endpoint = endpoint.unwrap_or_default();
+                    let result = match client {
+                        None => Err("the participant is not registered".to_owned()),
+                        Some(Err(e)) => Err(e),
+                        Some(Ok(c)) => collect(c, epoch, timeout).await,
+                    };
+                    match &result {
+                        Ok(txns) => {
+                            tracing::info!(%participant, %endpoint, committed = txns.len(), "collected one-phase outcomes of earlier runs")
+                        }
+                        Err(e) => warn!(%participant, %endpoint, error = %e, "cannot collect one-phase outcomes yet; will retry"),
+                    }
+                    let _ = tx.send(Msg::Internal(Input::Collected { participant, endpoint, result })).await;
+                });
+            }
             Effect::SetTimer { at, timer } => self.timers.set(at.0, timer),
         }
+    }
+}
+
+/// Asks a participant for its one-phase commits of runs before `epoch`
+/// (fencing them first, at the participant).
+async fn collect(mut c: ParticipantClient<Channel>, epoch: u64, timeout: Duration) -> Result<Vec<TxnId>, String> {
+    let mut req = tonic::Request::new(pb::RecoverRequest { coordinator_epoch: epoch });
+    req.set_timeout(timeout);
+    match c.recover(req).await {
+        Ok(r) => r
+            .into_inner()
+            .committed_one_phase
+            .iter()
+            .map(|t| t.parse::<TxnId>().map_err(|e| format!("the participant reported a malformed transaction id {t:?}: {e}")))
+            .collect(),
+        // Built before one-phase commit existed: it never committed in one
+        // phase (it answered YES, and two phases followed).
+        Err(s) if s.code() == tonic::Code::Unimplemented => Ok(Vec::new()),
+        Err(s) => Err(format!("{}: {}", code_name(s.code()), s.message())),
     }
 }
 

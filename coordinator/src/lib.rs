@@ -69,6 +69,8 @@ pub struct Config {
     pub max_branches: usize,
     /// Largest payload of one Execute branch, in bytes.
     pub max_payload_bytes: usize,
+    /// Commit a transaction with a single participant in one phase.
+    pub one_phase: bool,
 }
 
 impl Default for Config {
@@ -97,6 +99,7 @@ impl Config {
             drain_timeout: Duration::from_secs(10),
             max_branches: 64,
             max_payload_bytes: 64 * 1024,
+            one_phase: true,
         }
     }
 }
@@ -179,12 +182,16 @@ pub async fn run_with_admin_ready(
         prepare_timeout_ms: ms(config.prepare_timeout),
         retention_ms: ms(config.retention),
         seed: epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        one_phase: config.one_phase,
         ..CoreConfig::default()
     };
     let mut core = Core::new(epoch, core_config);
     let pending = records.iter().filter(|(_, r)| !r.ended).count();
-    let recovery = core.recover(UnixMillis::now(), records, log.horizon()?);
-    tracing::info!(epoch, resuming = pending, data_dir = %config.data_dir.display(), "decision log recovered");
+    let mut recovery = core.recover(UnixMillis::now(), records, log.horizon()?);
+    let markers = log.markers()?;
+    recovery.extend(core.recover_markers(markers));
+    let collecting = core.uncollected().len();
+    tracing::info!(epoch, resuming = pending, collecting, data_dir = %config.data_dir.display(), "decision log recovered");
     let driver_config = DriverConfig { prepare_rpc_timeout: config.prepare_timeout, ..DriverConfig::default() };
     let handle = driver::spawn(core, recovery, log.clone(), registry.clone(), driver_config);
     let service = CoordinatorService::new(

@@ -7,6 +7,10 @@
 //! - `meta`: `epoch` → the last coordinator run's epoch (u64 big-endian),
 //!   raised and synced at every start so transaction ids never repeat.
 //! - `participants`: name → endpoint, the registry Execute resolves names in.
+//! - `meta`, keys `one_phase/` + run epoch (u64 big-endian) + participant
+//!   name → empty: the one-phase markers. Written, synced, before a run
+//!   first sends that participant a one-phase Prepare; deleted once a later
+//!   run has collected that participant's one-phase outcomes.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -21,6 +25,7 @@ const CF_META: &str = "meta";
 const CF_PARTICIPANTS: &str = "participants";
 const EPOCH_KEY: &[u8] = b"epoch";
 const HORIZON_KEY: &[u8] = b"gc_horizon";
+const MARKER_PREFIX: &[u8] = b"one_phase/";
 
 /// Every column family the coordinator's store holds.
 pub const COLUMN_FAMILIES: &[&str] = &[CF_DECISIONS, CF_META, CF_PARTICIPANTS];
@@ -170,6 +175,47 @@ impl DecisionLog {
         b.delete(CF_DECISIONS, txn.to_key().to_vec());
         b.put(CF_META, HORIZON_KEY.to_vec(), horizon.to_key().to_vec());
         b
+    }
+
+    fn marker_key(epoch: u64, participant: &ParticipantName) -> Vec<u8> {
+        let mut k = MARKER_PREFIX.to_vec();
+        k.extend_from_slice(&epoch.to_be_bytes());
+        k.extend_from_slice(participant.as_str().as_bytes());
+        k
+    }
+
+    /// Writes the one-phase marker of run `epoch` for `participant`, synced;
+    /// `done` is called on the writer's thread.
+    pub fn persist_marker_then(&self, epoch: u64, participant: &ParticipantName, done: twopc_storage::Completion) {
+        let mut b = Batch::new();
+        b.put(CF_META, Self::marker_key(epoch, participant), Vec::new());
+        self.store.submit_then(b, Durability::Synced, done);
+    }
+
+    /// Deletes the one-phase markers of `participant` for runs `epochs`,
+    /// synced; `done` is called on the writer's thread.
+    pub fn clear_markers_then(&self, participant: &ParticipantName, epochs: &[u64], done: twopc_storage::Completion) {
+        let mut b = Batch::new();
+        for e in epochs {
+            b.delete(CF_META, Self::marker_key(*e, participant));
+        }
+        self.store.submit_then(b, Durability::Synced, done);
+    }
+
+    /// Every one-phase marker: (run epoch, participant).
+    pub fn markers(&self) -> Result<Vec<(u64, ParticipantName)>, LogError> {
+        self.store
+            .scan_prefix(CF_META, MARKER_PREFIX)?
+            .into_iter()
+            .map(|(k, _)| {
+                let rest = &k[MARKER_PREFIX.len()..];
+                let corrupt = || LogError::Corrupt { cf: CF_META, detail: format!("one-phase marker key of {} bytes", k.len()) };
+                let (epoch, name) = rest.split_at_checked(8).ok_or_else(corrupt)?;
+                let epoch = u64::from_be_bytes(epoch.try_into().map_err(|_| corrupt())?);
+                let name = String::from_utf8(name.to_vec()).ok().and_then(|n| ParticipantName::new(n).ok()).ok_or_else(corrupt)?;
+                Ok((epoch, name))
+            })
+            .collect()
     }
 
     /// The participant registry.

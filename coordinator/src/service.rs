@@ -128,6 +128,8 @@ pub fn core_error(e: &CoreError) -> Status {
         CoreError::TimeoutTooLong { .. } => (Code::InvalidArgument, reason::TIMEOUT_TOO_LONG),
         CoreError::Forgotten(_) => (Code::FailedPrecondition, reason::TXN_FORGOTTEN),
         CoreError::LogFailed(_) => (Code::Unavailable, reason::COORDINATOR_UNAVAILABLE),
+        CoreError::OutcomeBeingCollected { .. } => (Code::Unavailable, reason::OUTCOME_BEING_COLLECTED),
+        CoreError::OnePhaseInFlight(_) => (Code::FailedPrecondition, reason::TXN_ALREADY_DECIDED),
     };
     error(code, r, e.to_string())
 }
@@ -173,6 +175,7 @@ fn status_pb(s: &TxnStatus) -> pb::StatusResponse {
                     Some(twopc_proto::Vote::Yes) => pb::Vote::Yes,
                     Some(twopc_proto::Vote::No(_)) => pb::Vote::No,
                     Some(twopc_proto::Vote::ReadOnly) => pb::Vote::ReadOnly,
+                    Some(twopc_proto::Vote::Committed) => pb::Vote::Committed,
                 } as i32,
                 acknowledged: p.acknowledged,
                 retries: p.retries,

@@ -245,6 +245,7 @@ pub(crate) fn vote_detail(vote: &Vote) -> Cow<'static, str> {
     match vote {
         Vote::Yes => "YES".into(),
         Vote::ReadOnly => "READ_ONLY".into(),
+        Vote::Committed => "COMMITTED (one phase)".into(),
         Vote::No(why) => format!("NO: {why}").into(),
     }
 }

@@ -113,7 +113,12 @@ impl Proc {
     /// Starts the `twopc-coordinator` binary on loopback port 0 (gRPC and
     /// admin) with its data in `data_dir`, logging to `log_file`.
     pub async fn coordinator(data_dir: &Path, log_file: &Path, within: Duration) -> anyhow::Result<Proc> {
-        let args: Vec<String> = vec![
+        Proc::coordinator_with(data_dir, log_file, within, &[]).await
+    }
+
+    /// [`Proc::coordinator`] with more flags.
+    pub async fn coordinator_with(data_dir: &Path, log_file: &Path, within: Duration, extra: &[String]) -> anyhow::Result<Proc> {
+        let mut args: Vec<String> = vec![
             "--listen".into(),
             "127.0.0.1:0".into(),
             "--admin-listen".into(),
@@ -121,6 +126,7 @@ impl Proc {
             "--data-dir".into(),
             data_dir.display().to_string(),
         ];
+        args.extend_from_slice(extra);
         Proc::start("coordinator", &binary("twopc-coordinator")?, &args, log_file, within).await
     }
 

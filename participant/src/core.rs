@@ -21,6 +21,16 @@
 //! - Stale messages: a first Prepare for a transaction of a coordinator epoch
 //!   older than one already seen is refused (that coordinator run is gone and
 //!   has presumed it aborted).
+//! - One-phase commit: a one-phase Prepare (the transaction has this
+//!   participant alone) commits in one synced write and answers
+//!   [`SentVote::Committed`], which needs a [`CommitDurable`] witness; a NO
+//!   answer to it is sent only once the abort is durable, since the
+//!   coordinator takes either answer as the outcome. The COMMITTED record
+//!   is kept, marked unreleased, until the coordinator releases it with
+//!   Commit: until then the coordinator may hold no record of the outcome.
+//!   A Recover from a newer coordinator run fences (durably refuses
+//!   one-phase Prepares of earlier runs) and then reports the unreleased
+//!   ones.
 
 use std::collections::BTreeMap;
 
@@ -68,6 +78,12 @@ pub struct PreparedDurable {
     _private: (),
 }
 
+/// Proof that this branch's one-phase commit is durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CommitDurable {
+    _private: (),
+}
+
 /// A vote as it may be sent.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum SentVote {
@@ -77,6 +93,8 @@ pub enum SentVote {
     No(String),
     /// Nothing to commit here.
     ReadOnly,
+    /// One-phase: committed; only with proof that the commit is durable.
+    Committed(CommitDurable),
 }
 
 impl SentVote {
@@ -86,6 +104,7 @@ impl SentVote {
             SentVote::Yes(_) => Vote::Yes,
             SentVote::No(r) => Vote::No(r.clone()),
             SentVote::ReadOnly => Vote::ReadOnly,
+            SentVote::Committed(_) => Vote::Committed,
         }
     }
 }
@@ -119,6 +138,35 @@ pub enum Input {
         payload: Option<Vec<u8>>,
         /// The transaction's deadline.
         deadline: UnixMillis,
+        /// Prepare and commit in one step (this participant is the
+        /// transaction's only one).
+        one_phase: bool,
+    },
+    /// A newer coordinator run collects one-phase outcomes of earlier runs.
+    Recover {
+        /// Caller.
+        req: ReqId,
+        /// The collecting run's epoch.
+        epoch: u64,
+    },
+    /// The release of a one-phase commit is written, or failed to be.
+    Released {
+        /// The transaction.
+        txn: TxnId,
+        /// Written, or why not.
+        result: Result<(), String>,
+    },
+    /// The fence record of `epoch` is durable.
+    FenceDurable {
+        /// The fence's epoch.
+        epoch: u64,
+    },
+    /// Writing the fence record failed.
+    FenceFailed {
+        /// The fence's epoch.
+        epoch: u64,
+        /// Why.
+        error: String,
     },
     /// The resource finished preparing: its vote, or its error.
     ResourceVoted {
@@ -243,6 +291,26 @@ pub enum Effect {
         /// The transaction.
         txn: TxnId,
     },
+    /// Rewrite the branch's record (a one-phase commit the coordinator
+    /// released) without the one-phase mark, lazily; report
+    /// [`Input::Released`] once written.
+    Release {
+        /// The transaction.
+        txn: TxnId,
+        /// The record.
+        record: BranchRecord,
+    },
+    /// Write the fence record `record` under the id (`epoch`, 0), deleting
+    /// the one of `replaces` in the same batch, synced; report
+    /// [`Input::FenceDurable`] or [`Input::FenceFailed`].
+    PersistFence {
+        /// The collecting run's epoch.
+        epoch: u64,
+        /// The earlier fence, if any.
+        replaces: Option<u64>,
+        /// The record.
+        record: BranchRecord,
+    },
     /// Delete the finished branch's record from the log (lazily): its
     /// retention has ended.
     Forget {
@@ -270,6 +338,9 @@ pub enum Reply {
     Voted(SentVote),
     /// Commit or Abort acknowledged.
     Acked,
+    /// The answer to Recover: transactions of earlier coordinator runs
+    /// committed here in one phase and not yet released.
+    Recovered(Vec<TxnId>),
     /// Refused.
     Error(CoreError),
 }
@@ -365,6 +436,13 @@ struct Branch {
     apply_failures: u32,
     /// A RetryApply timer is set (the last apply failed).
     retry_pending: bool,
+    /// Asked to prepare and commit in one phase.
+    one_phase: bool,
+    /// Committed in one phase and not yet released by the coordinator.
+    unreleased: bool,
+    /// One-phase: why the branch aborted, for the NO answer sent once the
+    /// abort is durable.
+    no_reason: Option<String>,
 }
 
 impl Branch {
@@ -379,6 +457,9 @@ impl Branch {
             queries: 0,
             apply_failures: 0,
             retry_pending: false,
+            one_phase: false,
+            unreleased: false,
+            no_reason: None,
         }
     }
 }
@@ -389,6 +470,12 @@ pub struct Core {
     config: CoreConfig,
     branches: BTreeMap<TxnId, Branch>,
     max_epoch: u64,
+    /// The newest fence written (or being written), by epoch.
+    fence: Option<u64>,
+    /// The newest fence's record is durable.
+    fence_durable: bool,
+    /// Recover callers, with their epoch and whether its fence is durable.
+    fences: Vec<(ReqId, u64, bool)>,
     rng: u64,
 }
 
@@ -397,14 +484,20 @@ fn reply(req: ReqId, reply: Reply) -> Effect {
 }
 
 fn record(state: BranchState, b: &Branch, now: UnixMillis) -> BranchRecord {
-    BranchRecord { state: state as i32, deadline_unix_ms: b.deadline.0, coordinator_epoch: b.epoch, updated_unix_ms: now.0 }
+    BranchRecord {
+        state: state as i32,
+        deadline_unix_ms: b.deadline.0,
+        coordinator_epoch: b.epoch,
+        updated_unix_ms: now.0,
+        one_phase: b.unreleased,
+    }
 }
 
 impl Core {
     /// A core with no branches.
     pub fn new(config: CoreConfig) -> Self {
         let rng = config.seed | 1;
-        Core { config, branches: BTreeMap::new(), max_epoch: 0, rng }
+        Core { config, branches: BTreeMap::new(), max_epoch: 0, fence: None, fence_durable: false, fences: Vec::new(), rng }
     }
 
     /// The phase of a branch, if held.
@@ -428,12 +521,23 @@ impl Core {
         let mut out = Vec::new();
         for (txn, r) in records {
             self.max_epoch = self.max_epoch.max(r.coordinator_epoch);
+            if r.state == BranchState::Fence as i32 {
+                self.fence = self.fence.max(Some(r.coordinator_epoch));
+                self.fence_durable = true;
+                continue;
+            }
             let mut b = Branch::new(Phase::Aborted, UnixMillis(r.deadline_unix_ms), r.coordinator_epoch);
             match BranchState::try_from(r.state) {
                 Ok(BranchState::Prepared) => {
                     b.phase = Phase::Prepared;
                     b.prepared = true;
                     out.push(Effect::QueryDecision { txn });
+                }
+                Ok(BranchState::Committed) if r.one_phase => {
+                    // Kept until the coordinator releases it.
+                    b.phase = Phase::Committed;
+                    b.one_phase = true;
+                    b.unreleased = true;
                 }
                 Ok(BranchState::Committed) => {
                     b.phase = Phase::Committed;
@@ -461,7 +565,48 @@ impl Core {
         match input {
             Input::Join { req, txn } => self.join(&mut out, req, txn),
             Input::Enlisted { txn, result } => self.enlisted(&mut out, now, txn, result),
-            Input::Prepare { req, txn, epoch, payload, deadline } => self.prepare(&mut out, now, req, txn, epoch, payload, deadline),
+            Input::Prepare { req, txn, epoch, payload, deadline, one_phase } => {
+                self.prepare(&mut out, now, req, txn, epoch, payload, deadline, one_phase)
+            }
+            Input::Recover { req, epoch } => self.recover_request(&mut out, now, req, epoch),
+            Input::Released { txn, result } => {
+                if let Some(b) = self.branches.get_mut(&txn)
+                    && b.unreleased
+                    && b.phase == Phase::Committed
+                {
+                    match result {
+                        Ok(()) => {
+                            b.unreleased = false;
+                            for w in std::mem::take(&mut b.waiters) {
+                                out.push(reply(w, Reply::Acked));
+                            }
+                            out.push(Effect::SetTimer { at: now.plus(self.config.retention_ms), timer: Timer::Forget(txn) });
+                        }
+                        // Unacknowledged: the coordinator asks again.
+                        Err(e) => {
+                            for w in std::mem::take(&mut b.waiters) {
+                                out.push(reply(w, Reply::Error(CoreError::Unavailable(e.clone()))));
+                            }
+                        }
+                    }
+                }
+            }
+            Input::FenceDurable { epoch } => {
+                if self.fence == Some(epoch) {
+                    self.fence_durable = true;
+                }
+                for f in self.fences.iter_mut().filter(|f| f.1 <= epoch) {
+                    f.2 = true;
+                }
+                self.answer_fences(&mut out);
+            }
+            Input::FenceFailed { epoch, error } => {
+                let (failed, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.fences).into_iter().partition(|f| f.1 == epoch);
+                self.fences = kept;
+                for (req, ..) in failed {
+                    out.push(reply(req, Reply::Error(CoreError::Unavailable(error.clone()))));
+                }
+            }
             Input::ResourceVoted { txn, vote } => self.resource_voted(&mut out, now, txn, vote),
             Input::Durable { txn } => self.durable(&mut out, now, txn),
             Input::PersistFailed { txn, error } => {
@@ -474,7 +619,7 @@ impl Core {
                         out.push(reply(w, Reply::Error(CoreError::Unavailable(error.clone()))));
                     }
                     b.prepared = true;
-                    self.start_abort(&mut out, now, txn, None);
+                    self.start_abort(&mut out, now, txn, None, false);
                 }
             }
             Input::Commit { req, txn, epoch } => self.commit(&mut out, now, req, txn, epoch),
@@ -564,6 +709,7 @@ impl Core {
         epoch: u64,
         payload: Option<Vec<u8>>,
         deadline: UnixMillis,
+        one_phase: bool,
     ) {
         let fresh = match self.branches.get(&txn).map(|b| b.phase) {
             None | Some(Phase::Active) => true,
@@ -588,13 +734,14 @@ impl Core {
             if let Some(why) = refuse {
                 out.push(reply(req, Reply::Voted(SentVote::No(why))));
                 if self.branches.contains_key(&txn) {
-                    self.start_abort(out, now, txn, None);
+                    self.start_abort(out, now, txn, None, false);
                 }
                 return;
             }
             let b = self.branches.entry(txn).or_insert_with(|| Branch::new(Phase::Active, deadline, txn.epoch));
             b.phase = Phase::Preparing;
             b.epoch = txn.epoch;
+            b.one_phase = one_phase;
             if deadline.0 != 0 {
                 b.deadline = deadline;
             }
@@ -605,6 +752,13 @@ impl Core {
         let Some(b) = self.branches.get_mut(&txn) else { return };
         match b.phase {
             Phase::Preparing | Phase::Persisting => b.waiters.push(req),
+            // One phase: the answer waits for the commit, or the abort, to
+            // be durable.
+            Phase::Committing if b.one_phase && !b.prepared => b.waiters.push(req),
+            Phase::Aborting if b.one_phase && b.no_reason.is_some() => b.waiters.push(req),
+            Phase::Committed if b.one_phase && !b.prepared => {
+                out.push(reply(req, Reply::Voted(SentVote::Committed(CommitDurable { _private: () }))))
+            }
             Phase::Prepared | Phase::Committing | Phase::Committed if b.prepared => {
                 out.push(reply(req, Reply::Voted(SentVote::Yes(PreparedDurable { _private: () }))))
             }
@@ -628,6 +782,39 @@ impl Core {
             Ok(v) => v,
             Err(e) => Vote::No(format!("the resource failed to prepare: {e}")),
         };
+        if b.one_phase {
+            match vote {
+                Vote::Yes if !b.abort_pending && txn.epoch >= self.max_epoch => {
+                    // Prepare and commit in one synced write; the record is
+                    // kept until the coordinator releases it.
+                    b.phase = Phase::Committing;
+                    b.unreleased = true;
+                    out.push(Effect::Apply { txn, commit: true, record: Some(record(BranchState::Committed, b, now)), synced: true });
+                }
+                Vote::ReadOnly if !b.abort_pending => {
+                    for w in std::mem::take(&mut b.waiters) {
+                        out.push(reply(w, Reply::Voted(SentVote::ReadOnly)));
+                    }
+                    b.phase = Phase::Releasing;
+                    out.push(Effect::Apply { txn, commit: true, record: None, synced: false });
+                }
+                vote => {
+                    // The coordinator takes NO as the outcome: answer once
+                    // the abort is durable, so that a repeated Prepare
+                    // cannot commit what was answered NO.
+                    b.no_reason = Some(match vote {
+                        Vote::No(why) => why,
+                        _ if b.abort_pending => "the transaction was aborted while preparing".to_owned(),
+                        Vote::Yes => {
+                            format!("stale transaction: coordinator epoch {} is past the transaction's epoch {}", self.max_epoch, txn.epoch)
+                        }
+                        _ => "the resource answered COMMITTED to a prepare".to_owned(),
+                    });
+                    self.start_abort(out, now, txn, None, true);
+                }
+            }
+            return;
+        }
         match vote {
             Vote::Yes if !b.abort_pending => {
                 b.phase = Phase::Persisting;
@@ -637,19 +824,27 @@ impl Core {
                 for w in std::mem::take(&mut b.waiters) {
                     out.push(reply(w, Reply::Voted(SentVote::No("the transaction was aborted while preparing".into()))));
                 }
-                self.start_abort(out, now, txn, None);
+                self.start_abort(out, now, txn, None, false);
             }
             Vote::No(why) => {
                 for w in std::mem::take(&mut b.waiters) {
                     out.push(reply(w, Reply::Voted(SentVote::No(why.clone()))));
                 }
-                self.start_abort(out, now, txn, None);
+                self.start_abort(out, now, txn, None, false);
+            }
+            Vote::Committed => {
+                // Only a one-phase Prepare commits in the resource's
+                // place; a resource never answers this.
+                for w in std::mem::take(&mut b.waiters) {
+                    out.push(reply(w, Reply::Voted(SentVote::No("the resource answered COMMITTED to a prepare".into()))));
+                }
+                self.start_abort(out, now, txn, None, false);
             }
             Vote::ReadOnly if b.abort_pending => {
                 for w in std::mem::take(&mut b.waiters) {
                     out.push(reply(w, Reply::Voted(SentVote::No("the transaction was aborted while preparing".into()))));
                 }
-                self.start_abort(out, now, txn, None);
+                self.start_abort(out, now, txn, None, false);
             }
             Vote::ReadOnly => {
                 for w in std::mem::take(&mut b.waiters) {
@@ -672,7 +867,7 @@ impl Core {
             for w in std::mem::take(&mut b.waiters) {
                 out.push(reply(w, Reply::Voted(SentVote::No("the transaction was aborted while preparing".into()))));
             }
-            self.start_abort(out, now, txn, None);
+            self.start_abort(out, now, txn, None, false);
             return;
         }
         b.phase = Phase::Prepared;
@@ -691,6 +886,21 @@ impl Core {
             return;
         };
         match b.phase {
+            Phase::Committed if b.unreleased => {
+                // The coordinator holds the outcome now: drop the one-phase
+                // mark (lazily: if the rewrite is lost in a machine crash,
+                // the next Recover reports the commit again) and
+                // acknowledge once it is written.
+                b.waiters.push(req);
+                if b.waiters.len() == 1 {
+                    let mut r = record(BranchState::Committed, b, now);
+                    r.one_phase = false;
+                    out.push(Effect::Release { txn, record: r });
+                }
+            }
+            Phase::Committing if b.one_phase && !b.prepared => {
+                out.push(reply(req, Reply::Error(CoreError::Unavailable("the one-phase commit is still being written".into()))))
+            }
             Phase::Prepared => {
                 b.phase = Phase::Committing;
                 b.waiters.push(req);
@@ -719,9 +929,9 @@ impl Core {
                 for w in std::mem::take(&mut b.waiters) {
                     out.push(reply(w, Reply::Error(CoreError::JoinRefused { txn, why: "the transaction was aborted".into() })));
                 }
-                self.start_abort(out, now, txn, Some(req));
+                self.start_abort(out, now, txn, Some(req), false);
             }
-            Phase::Active | Phase::Prepared => self.start_abort(out, now, txn, Some(req)),
+            Phase::Active | Phase::Prepared => self.start_abort(out, now, txn, Some(req), false),
             Phase::Preparing | Phase::Persisting => {
                 b.abort_pending = true;
                 out.push(reply(req, Reply::Acked));
@@ -734,14 +944,60 @@ impl Core {
 
     /// Aborts the branch: release the resource and record the abort (lazily:
     /// under presumed abort a lost abort record only means asking again).
-    fn start_abort(&mut self, out: &mut Vec<Effect>, now: UnixMillis, txn: TxnId, req: Option<ReqId>) {
+    /// With `synced`, the abort is durable before it is reported applied
+    /// (one phase: the NO answer waits for it).
+    fn start_abort(&mut self, out: &mut Vec<Effect>, now: UnixMillis, txn: TxnId, req: Option<ReqId>, synced: bool) {
         let Some(b) = self.branches.get_mut(&txn) else { return };
         b.phase = Phase::Aborting;
         b.abort_pending = false;
         if let Some(r) = req {
             b.waiters.push(r);
         }
-        out.push(Effect::Apply { txn, commit: false, record: Some(record(BranchState::Aborted, b, now)), synced: false });
+        out.push(Effect::Apply { txn, commit: false, record: Some(record(BranchState::Aborted, b, now)), synced });
+    }
+
+    /// Recover from a coordinator run `epoch`: refuse one-phase Prepares of
+    /// earlier runs from now on (durably: a fence record), then answer with
+    /// the unreleased one-phase commits of earlier runs.
+    fn recover_request(&mut self, out: &mut Vec<Effect>, now: UnixMillis, req: ReqId, epoch: u64) {
+        self.max_epoch = self.max_epoch.max(epoch);
+        match self.fence {
+            Some(f) if f >= epoch && self.fence_durable => self.fences.push((req, epoch, true)),
+            Some(f) if f >= epoch => self.fences.push((req, epoch, false)),
+            replaces => {
+                let record = BranchRecord {
+                    state: BranchState::Fence as i32,
+                    deadline_unix_ms: 0,
+                    coordinator_epoch: epoch,
+                    updated_unix_ms: now.0,
+                    one_phase: false,
+                };
+                out.push(Effect::PersistFence { epoch, replaces, record });
+                self.fence = Some(epoch);
+                self.fence_durable = false;
+                self.fences.push((req, epoch, false));
+            }
+        }
+        self.answer_fences(out);
+    }
+
+    /// Answers every Recover whose fence is durable, once no one-phase
+    /// commit of an earlier run is still being written (those are
+    /// reported too; one still preparing is refused by the fence).
+    fn answer_fences(&mut self, out: &mut Vec<Effect>) {
+        if self.fences.is_empty() {
+            return;
+        }
+        let branches = &self.branches;
+        self.fences.retain(|&(req, epoch, durable)| {
+            let earlier = || branches.iter().filter(move |(t, b)| t.epoch < epoch && b.one_phase && !b.prepared);
+            if !durable || earlier().any(|(_, b)| b.phase == Phase::Committing) {
+                return true;
+            }
+            let committed = earlier().filter(|(_, b)| b.unreleased && b.phase == Phase::Committed).map(|(t, _)| *t).collect();
+            out.push(reply(req, Reply::Recovered(committed)));
+            false
+        });
     }
 
     fn applied(&mut self, out: &mut Vec<Effect>, now: UnixMillis, txn: TxnId) {
@@ -753,10 +1009,18 @@ impl Core {
             _ => return,
         };
         b.phase = done;
+        let answer = match done {
+            Phase::Committed if b.unreleased => Reply::Voted(SentVote::Committed(CommitDurable { _private: () })),
+            Phase::Aborted if b.one_phase && b.no_reason.is_some() => Reply::Voted(SentVote::No(b.no_reason.clone().unwrap_or_default())),
+            _ => Reply::Acked,
+        };
         for w in std::mem::take(&mut b.waiters) {
-            out.push(reply(w, Reply::Acked));
+            out.push(reply(w, answer.clone()));
         }
-        out.push(Effect::SetTimer { at: now.plus(self.config.retention_ms), timer: Timer::Forget(txn) });
+        if !b.unreleased {
+            out.push(Effect::SetTimer { at: now.plus(self.config.retention_ms), timer: Timer::Forget(txn) });
+        }
+        self.answer_fences(out);
     }
 
     fn decided(&mut self, out: &mut Vec<Effect>, now: UnixMillis, txn: TxnId, decision: Result<Decision, String>) {
@@ -769,7 +1033,7 @@ impl Core {
                 b.phase = Phase::Committing;
                 out.push(Effect::Apply { txn, commit: true, record: Some(record(BranchState::Committed, b, now)), synced: true });
             }
-            Ok(Decision::Abort) => self.start_abort(out, now, txn, None),
+            Ok(Decision::Abort) => self.start_abort(out, now, txn, None, false),
             Ok(Decision::Pending) | Err(_) => {
                 b.queries += 1;
                 let shift = b.queries.min(16);
@@ -789,7 +1053,7 @@ impl Core {
                 {
                     // Unprepared work past its deadline: the coordinator has
                     // aborted (or will); release it.
-                    self.start_abort(out, now, txn, None);
+                    self.start_abort(out, now, txn, None, false);
                 }
             }
             Timer::Query(txn) => {
@@ -798,13 +1062,15 @@ impl Core {
                 }
             }
             Timer::Forget(txn) => {
-                match self.branches.get(&txn).map(|b| b.phase) {
-                    Some(Phase::Committed | Phase::Aborted) => {
+                match self.branches.get(&txn).map(|b| (b.phase, b.unreleased)) {
+                    // An unreleased one-phase commit stays until released.
+                    Some((Phase::Committed, true)) => {}
+                    Some((Phase::Committed | Phase::Aborted, _)) => {
                         self.branches.remove(&txn);
                         out.push(Effect::Forget { txn });
                     }
                     // A read-only branch has no record to delete.
-                    Some(Phase::Released) => {
+                    Some((Phase::Released, _)) => {
                         self.branches.remove(&txn);
                     }
                     _ => {}

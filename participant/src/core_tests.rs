@@ -50,7 +50,13 @@ fn config() -> CoreConfig {
 }
 
 fn rec(state: BranchState, deadline: UnixMillis, epoch: u64, updated: UnixMillis) -> BranchRecord {
-    BranchRecord { state: state as i32, deadline_unix_ms: deadline.0, coordinator_epoch: epoch, updated_unix_ms: updated.0 }
+    BranchRecord {
+        state: state as i32,
+        deadline_unix_ms: deadline.0,
+        coordinator_epoch: epoch,
+        updated_unix_ms: updated.0,
+        one_phase: false,
+    }
 }
 
 fn payload() -> Option<Vec<u8>> {
@@ -63,6 +69,7 @@ enum R {
     Joined(UnixMillis),
     Voted(Vote),
     Acked,
+    Recovered(Vec<TxnId>),
     Error(CoreError),
 }
 
@@ -76,6 +83,8 @@ enum Fx {
     Query(TxnId),
     Forget(TxnId),
     Timer(UnixMillis, Timer),
+    Release(TxnId, BranchRecord),
+    Fence { epoch: u64, replaces: Option<u64> },
 }
 
 fn norm(effects: Vec<Effect>) -> Vec<Fx> {
@@ -88,6 +97,7 @@ fn norm(effects: Vec<Effect>) -> Vec<Fx> {
                     Reply::Joined { deadline } => R::Joined(deadline),
                     Reply::Voted(v) => R::Voted(v.vote()),
                     Reply::Acked => R::Acked,
+                    Reply::Recovered(t) => R::Recovered(t),
                     Reply::Error(e) => R::Error(e),
                 },
             ),
@@ -98,6 +108,8 @@ fn norm(effects: Vec<Effect>) -> Vec<Fx> {
             Effect::QueryDecision { txn } => Fx::Query(txn),
             Effect::Forget { txn } => Fx::Forget(txn),
             Effect::SetTimer { at, timer } => Fx::Timer(at, timer),
+            Effect::Release { txn, record } => Fx::Release(txn, record),
+            Effect::PersistFence { epoch, replaces, .. } => Fx::Fence { epoch, replaces },
         })
         .collect()
 }
@@ -189,7 +201,7 @@ impl H {
         deadline: UnixMillis,
     ) -> (ReqId, Vec<Fx>) {
         let req = self.req();
-        (req, self.step(now, Input::Prepare { req, txn, epoch, payload, deadline }))
+        (req, self.step(now, Input::Prepare { req, txn, epoch, payload, deadline, one_phase: false }))
     }
 
     /// Prepare of TX from its own coordinator epoch with the usual deadline.
@@ -1365,7 +1377,7 @@ fn default_config_values() {
 #[test]
 fn default_query_backoff_is_capped_at_two_seconds() {
     let mut core = Core::new(CoreConfig::default());
-    let _ = core.step(at(100), Input::Prepare { req: 1, txn: TX, epoch: EPOCH, payload: payload(), deadline: dl() });
+    let _ = core.step(at(100), Input::Prepare { req: 1, txn: TX, epoch: EPOCH, payload: payload(), deadline: dl(), one_phase: false });
     let _ = core.step(at(110), Input::ResourceVoted { txn: TX, vote: Ok(Vote::Yes) });
     let fx = norm(core.step(at(120), Input::Durable { txn: TX }));
     assert_eq!(fx, vec![yes(1), Fx::Timer(at(1_120), Timer::Query(TX))]);
@@ -1529,7 +1541,9 @@ fn input_txn(input: &Input) -> TxnId {
         | Input::Abort { txn, .. }
         | Input::Applied { txn }
         | Input::ApplyFailed { txn, .. }
-        | Input::Decided { txn, .. } => *txn,
+        | Input::Decided { txn, .. }
+        | Input::Released { txn, .. } => *txn,
+        Input::Recover { epoch, .. } | Input::FenceDurable { epoch } | Input::FenceFailed { epoch, .. } => TxnId { epoch: *epoch, seq: 0 },
         Input::Timer(Timer::Deadline(txn) | Timer::Query(txn) | Timer::Forget(txn) | Timer::RetryApply(txn)) => *txn,
     }
 }
@@ -1712,6 +1726,9 @@ impl Explorer {
                 }
                 Effect::QueryDecision { txn } => self.queries.push(txn),
                 Effect::SetTimer { at, timer } => self.timers.push((at, timer)),
+                e @ (Effect::Release { .. } | Effect::PersistFence { .. }) => {
+                    panic!("{ctx}: {e:?} without a one-phase Prepare or a Recover")
+                }
             }
         }
     }
@@ -1747,7 +1764,7 @@ impl Explorer {
                     1 => UnixMillis(self.now.0.saturating_sub(1)),
                     _ => self.now.plus(1 + self.rng.below(20_000)),
                 };
-                self.apply(Input::Prepare { req, txn, epoch, payload, deadline });
+                self.apply(Input::Prepare { req, txn, epoch, payload, deadline, one_phase: false });
             }
             32..=43 => {
                 if let Some(txn) = self.rng.take(&mut self.resource) {
@@ -1872,4 +1889,120 @@ fn random_inputs_keep_the_participant_invariants() {
         x.prefix = format!("seed {seed} scenario {scenario} drain");
         x.drain();
     }
+}
+
+// ---------------------------------------------------------------------------
+// One-phase commit
+
+fn one_phase_prepare(h: &mut H, now: UnixMillis, txn: TxnId, payload: Option<Vec<u8>>) -> (ReqId, Vec<Fx>) {
+    let req = h.req();
+    (req, h.step(now, Input::Prepare { req, txn, epoch: txn.epoch, payload, deadline: dl(), one_phase: true }))
+}
+
+fn one_phase_rec(state: BranchState, epoch: u64, now: UnixMillis, unreleased: bool) -> BranchRecord {
+    BranchRecord { one_phase: unreleased, ..rec(state, dl(), epoch, now) }
+}
+
+fn committed_vote(req: ReqId) -> Fx {
+    Fx::Reply(req, R::Voted(Vote::Committed))
+}
+
+#[test]
+fn one_phase_commits_in_one_synced_write_and_keeps_it_until_released() {
+    let mut h = H::new();
+    let (req, fx) = one_phase_prepare(&mut h, at(100), TX, payload());
+    assert_eq!(fx, vec![Fx::ResourcePrepare(TX, payload())]);
+    // No PREPARED record: the commit itself, marked unreleased, synced.
+    let committed = one_phase_rec(BranchState::Committed, EPOCH, at(110), true);
+    assert_eq!(h.voted(at(110), TX, Ok(Vote::Yes)), vec![Fx::Apply { txn: TX, commit: true, record: Some(committed), synced: true }]);
+    // A duplicate waits for the same answer, sent once the commit is durable.
+    let (dup, fx) = one_phase_prepare(&mut h, at(115), TX, payload());
+    assert_eq!(fx, vec![]);
+    assert_eq!(h.applied(at(120), TX), vec![committed_vote(req), committed_vote(dup)]);
+    let (again, fx) = one_phase_prepare(&mut h, at(125), TX, payload());
+    assert_eq!(fx, vec![committed_vote(again)]);
+    // Kept past its retention until the coordinator releases it: no Forget
+    // timer was set. Release rewrites it without the mark and is
+    // acknowledged once written.
+    let (rel, fx) = h.commit(at(130), TX);
+    assert_eq!(fx, vec![Fx::Release(TX, one_phase_rec(BranchState::Committed, EPOCH, at(130), false))]);
+    let (rel2, fx) = h.commit(at(131), TX);
+    assert_eq!(fx, vec![]);
+    let fx = h.step(at(140), Input::Released { txn: TX, result: Ok(()) });
+    assert_eq!(fx, vec![acked(rel), acked(rel2), forget(at(140), TX)]);
+    let (rel3, fx) = h.commit(at(150), TX);
+    assert_eq!(fx, vec![acked(rel3)]);
+}
+
+#[test]
+fn one_phase_no_is_answered_only_once_the_abort_is_durable() {
+    let mut h = H::new();
+    let (req, _) = one_phase_prepare(&mut h, at(100), TX, payload());
+    let aborted = rec(BranchState::Aborted, dl(), EPOCH, at(110));
+    assert_eq!(
+        h.voted(at(110), TX, Ok(Vote::No("insufficient funds".into()))),
+        vec![Fx::Apply { txn: TX, commit: false, record: Some(aborted), synced: true }]
+    );
+    let (dup, fx) = one_phase_prepare(&mut h, at(115), TX, payload());
+    assert_eq!(fx, vec![]);
+    assert_eq!(h.applied(at(120), TX), vec![no(req, "insufficient funds"), no(dup, "insufficient funds"), forget(at(120), TX)]);
+}
+
+#[test]
+fn a_recovered_unreleased_one_phase_commit_is_kept_and_answered() {
+    let mut h = H::new();
+    let fx = norm(h.core.recover(at(0), vec![(TX, one_phase_rec(BranchState::Committed, EPOCH, at(0), true))]));
+    assert_eq!(fx, vec![], "no Forget timer for an unreleased one-phase commit");
+    let (req, fx) = one_phase_prepare(&mut h, at(10), TX, payload());
+    assert_eq!(fx, vec![committed_vote(req)]);
+    assert_eq!(h.core.in_doubt(), vec![]);
+}
+
+#[test]
+fn recover_fences_earlier_runs_and_reports_their_unreleased_commits() {
+    let mut h = H::new();
+    let old = TxnId { epoch: EPOCH, seq: 1 };
+    let in_flight = TxnId { epoch: EPOCH, seq: 2 };
+    let preparing = TxnId { epoch: EPOCH, seq: 3 };
+    // One committed and unreleased, one being written, one preparing.
+    let (_, _) = one_phase_prepare(&mut h, at(10), old, payload());
+    let _ = h.voted(at(11), old, Ok(Vote::Yes));
+    let _ = h.applied(at(12), old);
+    let (_, _) = one_phase_prepare(&mut h, at(20), in_flight, payload());
+    let _ = h.voted(at(21), in_flight, Ok(Vote::Yes));
+    let (prep_req, _) = one_phase_prepare(&mut h, at(30), preparing, payload());
+
+    // Run EPOCH + 1 collects: the fence is written first.
+    let req = h.req();
+    let fx = h.step(at(40), Input::Recover { req, epoch: EPOCH + 1 });
+    assert_eq!(fx, vec![Fx::Fence { epoch: EPOCH + 1, replaces: None }]);
+    // Durable, but a commit of the earlier run is still being written.
+    assert_eq!(h.step(at(41), Input::FenceDurable { epoch: EPOCH + 1 }), vec![]);
+    // The one still preparing is refused by the fence, durably.
+    let fx = h.voted(at(42), preparing, Ok(Vote::Yes));
+    assert_eq!(
+        fx,
+        vec![Fx::Apply { txn: preparing, commit: false, record: Some(rec(BranchState::Aborted, dl(), EPOCH, at(42))), synced: true }]
+    );
+    let fx = h.applied(at(43), preparing);
+    assert_eq!(fx, vec![no(prep_req, &stale(EPOCH + 1, EPOCH)), forget(at(43), preparing)]);
+    // The written one completes: both commits are reported.
+    let fx = h.applied(at(44), in_flight);
+    assert_eq!(fx.last(), Some(&Fx::Reply(req, R::Recovered(vec![old, in_flight]))), "{fx:?}");
+    // Later one-phase Prepares of the earlier run are refused at once.
+    let late = TxnId { epoch: EPOCH, seq: 9 };
+    let (late_req, fx) = one_phase_prepare(&mut h, at(50), late, payload());
+    assert_eq!(fx, vec![no(late_req, &stale(EPOCH + 1, EPOCH))]);
+    // A second Recover of the same run answers from the durable fence; a
+    // newer run's replaces it.
+    let again = h.req();
+    let fx = h.step(at(60), Input::Recover { req: again, epoch: EPOCH + 1 });
+    assert_eq!(fx, vec![Fx::Reply(again, R::Recovered(vec![old, in_flight]))]);
+    let newer = h.req();
+    assert_eq!(
+        h.step(at(70), Input::Recover { req: newer, epoch: EPOCH + 2 }),
+        vec![Fx::Fence { epoch: EPOCH + 2, replaces: Some(EPOCH + 1) }]
+    );
+    let failed = h.step(at(71), Input::FenceFailed { epoch: EPOCH + 2, error: "disk full".into() });
+    assert_eq!(failed, vec![err(newer, CoreError::Unavailable("disk full".into()))]);
 }

@@ -250,6 +250,18 @@ impl Driver {
         });
     }
 
+    /// Writes `batch`; `input` turns the outcome into the core's input,
+    /// which goes straight from the log's writer thread into the driver's
+    /// queue (no task between the fsync and what depends on it).
+    fn write_then(&self, batch: Batch, durability: Durability, input: impl FnOnce(Result<(), String>) -> Input + Send + 'static) {
+        let (tx, runtime) = (self.tx.clone(), tokio::runtime::Handle::current());
+        self.parts.store.submit_then(
+            batch,
+            durability,
+            Box::new(move |result| twopc_storage::hand_over(&tx, &runtime, Msg::Internal(input(result.map_err(|e| e.to_string()))))),
+        );
+    }
+
     fn perform(&mut self, effect: Effect) {
         let parts = self.parts.clone();
         match effect {
@@ -259,6 +271,7 @@ impl Driver {
                         SentVote::Yes(_) => "yes",
                         SentVote::No(_) => "no",
                         SentVote::ReadOnly => "read_only",
+                        SentVote::Committed(_) => "committed",
                     };
                     metrics::counter!(METRIC_PREPARES, "participant" => parts.name.as_str().to_owned(), "vote" => vote).increment(1);
                 }
@@ -346,20 +359,10 @@ impl Driver {
                 twopc_storage::crash_point!("participant::before_prepare_write");
                 let mut batch = self.staged.remove(&txn).unwrap_or_default();
                 batch.put(CF_BRANCHES, txn.to_key().to_vec(), record.encode_to_vec());
-                let (tx, runtime) = (self.tx.clone(), tokio::runtime::Handle::current());
-                // Straight from the log's writer thread into the driver's
-                // queue: no task between the fsync and the vote.
-                parts.store.submit_then(
-                    batch,
-                    Durability::Synced,
-                    Box::new(move |result| {
-                        let input = match result {
-                            Ok(()) => Input::Durable { txn },
-                            Err(e) => Input::PersistFailed { txn, error: e.to_string() },
-                        };
-                        twopc_storage::hand_over(&tx, &runtime, Msg::Internal(input));
-                    }),
-                );
+                self.write_then(batch, Durability::Synced, move |result| match result {
+                    Ok(()) => Input::Durable { txn },
+                    Err(error) => Input::PersistFailed { txn, error },
+                });
             }
             Effect::Apply { txn, commit, record, synced } => {
                 self.staged.remove(&txn);
@@ -421,6 +424,27 @@ impl Driver {
                 }
                 Input::Decided { txn, decision }
             }),
+            Effect::Release { txn, record } => {
+                let mut batch = Batch::new();
+                batch.put(CF_BRANCHES, txn.to_key().to_vec(), record.encode_to_vec());
+                self.write_then(batch, Durability::Lazy, move |result| {
+                    if let Err(e) = &result {
+                        warn!(%txn, error = %e, "could not record the release of a one-phase commit");
+                    }
+                    Input::Released { txn, result }
+                });
+            }
+            Effect::PersistFence { epoch, replaces, record } => {
+                let mut batch = Batch::new();
+                if let Some(old) = replaces {
+                    batch.delete(CF_BRANCHES, TxnId { epoch: old, seq: 0 }.to_key().to_vec());
+                }
+                batch.put(CF_BRANCHES, TxnId { epoch, seq: 0 }.to_key().to_vec(), record.encode_to_vec());
+                self.write_then(batch, Durability::Synced, move |result| match result {
+                    Ok(()) => Input::FenceDurable { epoch },
+                    Err(error) => Input::FenceFailed { epoch, error },
+                });
+            }
             Effect::Forget { txn } => {
                 let mut batch = Batch::new();
                 batch.delete(CF_BRANCHES, txn.to_key().to_vec());

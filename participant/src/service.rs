@@ -71,9 +71,9 @@ fn acked(r: Reply) -> Result<(), Status> {
 impl ParticipantService {
     async fn prepare_one(&self, r: pb::PrepareRequest) -> Result<pb::PrepareResponse, Status> {
         let txn = parse_txn(&r.txn_id)?;
-        let (epoch, payload, deadline) = (r.coordinator_epoch, r.payload, UnixMillis(r.deadline_unix_ms));
-        let span = tracing::debug_span!("branch_prepare", txn_id = %txn, participant = %self.name, vote = tracing::field::Empty);
-        let reply = self.call(|req| Input::Prepare { req, txn, epoch, payload, deadline }).instrument(span.clone()).await?;
+        let (epoch, payload, deadline, one_phase) = (r.coordinator_epoch, r.payload, UnixMillis(r.deadline_unix_ms), r.one_phase);
+        let span = tracing::debug_span!("branch_prepare", txn_id = %txn, participant = %self.name, one_phase, vote = tracing::field::Empty);
+        let reply = self.call(|req| Input::Prepare { req, txn, epoch, payload, deadline, one_phase }).instrument(span.clone()).await?;
         match reply {
             Reply::Voted(v) => {
                 let vote = v.vote();
@@ -140,6 +140,21 @@ impl pb::participant_server::Participant for ParticipantService {
 
     async fn abort(&self, request: Request<pb::AbortBranchRequest>) -> Result<Response<pb::AbortBranchResponse>, Status> {
         self.abort_one(request.get_ref()).await.map(Response::new)
+    }
+
+    async fn recover(&self, request: Request<pb::RecoverRequest>) -> Result<Response<pb::RecoverResponse>, Status> {
+        let epoch = request.get_ref().coordinator_epoch;
+        if epoch == 0 {
+            return Err(error(Code::InvalidArgument, reason::EPOCH_INVALID, "coordinator_epoch must be at least 1"));
+        }
+        let span = tracing::info_span!("branch_recover", participant = %self.name, coordinator_epoch = epoch);
+        match self.call(|req| Input::Recover { req, epoch }).instrument(span).await? {
+            Reply::Recovered(txns) => {
+                Ok(Response::new(pb::RecoverResponse { committed_one_phase: txns.iter().map(|t| t.to_string()).collect() }))
+            }
+            Reply::Error(e) => Err(core_error(&e)),
+            other => Err(unexpected(&other)),
+        }
     }
 
     type DeliverStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::Delivered, Status>> + Send>>;

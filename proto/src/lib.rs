@@ -88,6 +88,12 @@ pub mod reason {
     pub const BATCH_TOO_LARGE: &str = "BATCH_TOO_LARGE";
     /// A Deliver envelope carried no message.
     pub const MESSAGE_EMPTY: &str = "MESSAGE_EMPTY";
+    /// The coordinator restarted and is still collecting one-phase outcomes
+    /// of its earlier runs from a participant: the outcome of a transaction
+    /// of such a run is not known yet. Retry.
+    pub const OUTCOME_BEING_COLLECTED: &str = "OUTCOME_BEING_COLLECTED";
+    /// A coordinator epoch of 0 (epochs start at 1).
+    pub const EPOCH_INVALID: &str = "EPOCH_INVALID";
 }
 
 /// Most messages one `Participant.Deliver` call may carry.
@@ -235,6 +241,9 @@ pub enum Vote {
     No(String),
     /// Changed nothing; needs no phase two.
     ReadOnly,
+    /// The answer to a one-phase Prepare: prepared and committed in one
+    /// durable write.
+    Committed,
 }
 
 /// Why a transaction aborted, in a form initiators can match on.
@@ -400,6 +409,7 @@ impl From<&Vote> for pb::PrepareResponse {
             Vote::Yes => pb::PrepareResponse { vote: pb::Vote::Yes as i32, reason: String::new() },
             Vote::No(r) => pb::PrepareResponse { vote: pb::Vote::No as i32, reason: r.clone() },
             Vote::ReadOnly => pb::PrepareResponse { vote: pb::Vote::ReadOnly as i32, reason: String::new() },
+            Vote::Committed => pb::PrepareResponse { vote: pb::Vote::Committed as i32, reason: String::new() },
         }
     }
 }
@@ -412,6 +422,7 @@ impl TryFrom<&pb::PrepareResponse> for Vote {
             Ok(pb::Vote::Yes) => Ok(Vote::Yes),
             Ok(pb::Vote::No) => Ok(Vote::No(r.reason.clone())),
             Ok(pb::Vote::ReadOnly) => Ok(Vote::ReadOnly),
+            Ok(pb::Vote::Committed) => Ok(Vote::Committed),
             _ => Err(format!("participant sent an unknown vote {}", r.vote)),
         }
     }

@@ -17,7 +17,13 @@
 //! - the earliest pending timer fires (time jumps to it);
 //! - a process crashes and restarts: everything not durable is lost, the core
 //!   is rebuilt from its durable records (`recover`), the RPCs it was serving
-//!   fail at their callers.
+//!   fail at their callers;
+//! - a client whose Execute was cut off by a coordinator crash asks Status,
+//!   and takes the answer as what it was told.
+//!
+//! A transaction over one participant commits in one phase (the
+//! coordinator's default), with its one-phase markers, the participant's
+//! fences and the coordinator's collection after a restart.
 //!
 //! Budgets bound drops, duplicates, crashes and timer firings, so the state
 //! space is finite. [`Mutation`] plants a deliberate bug in the glue (a
@@ -48,6 +54,10 @@ pub enum Mutation {
     /// A participant is told its PREPARED record is durable as soon as it
     /// asks for the write (so it votes YES before the record is on disk).
     ParticipantVotesBeforeDurable,
+    /// The coordinator's one-phase marker is reported durable at once and
+    /// never written (so a restarted coordinator does not know it must
+    /// collect one-phase outcomes before presuming abort).
+    OnePhaseWithoutMarker,
 }
 
 /// The shape of the simulated cluster.
@@ -85,6 +95,8 @@ pub enum Msg {
         payload: Option<Vec<u8>>,
         /// Deadline.
         deadline: u64,
+        /// One-phase Prepare.
+        one_phase: bool,
     },
     /// Its response.
     Vote {
@@ -131,6 +143,23 @@ pub enum Msg {
         /// The answer or the failure.
         decision: Result<Decision, String>,
     },
+    /// Coordinator → participant: collect one-phase outcomes.
+    Recover {
+        /// Participant index.
+        to: usize,
+        /// The collecting run.
+        epoch: u64,
+    },
+    /// Its response (to the coordinator run that asked: a later run never
+    /// sees it, as a reply on a dead process's connection).
+    Recovered {
+        /// Participant index.
+        from: usize,
+        /// The run that asked.
+        epoch: u64,
+        /// The unreleased one-phase commits, or the failure.
+        result: Result<Vec<TxnId>, String>,
+    },
 }
 
 /// What can happen next.
@@ -156,6 +185,8 @@ pub enum Action {
     CrashCoordinator,
     /// Participant `i` crashes and restarts.
     CrashParticipant(usize),
+    /// The client of transaction `k`, cut off, asks Status.
+    Status(usize),
 }
 
 /// What the client was told about a transaction.
@@ -173,12 +204,15 @@ pub enum Told {
 enum CWrite {
     Decision { txn: TxnId, participants: Vec<String>, ended: bool, synced: bool, fed: bool },
     Forget { txn: TxnId, horizon: TxnId },
+    Marker { participant: String },
+    ClearMarkers { participant: String, epochs: Vec<u64> },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum CServing {
     Client(usize),
     Query { from: usize, txn: TxnId },
+    Status(usize),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -188,6 +222,8 @@ struct Coord {
     /// txn → (YES participants, ended)
     durable: BTreeMap<TxnId, (Vec<String>, bool)>,
     horizon: Option<TxnId>,
+    /// Durable one-phase markers: (run epoch, participant).
+    markers: BTreeSet<(u64, String)>,
     pending: Vec<CWrite>,
     timers: BTreeSet<(u64, cc::Timer)>,
     serving: BTreeMap<u64, CServing>,
@@ -196,22 +232,28 @@ struct Coord {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum PWrite {
-    Prepared { txn: TxnId, record: (i32, u64, u64, u64), fed: bool },
-    Apply { txn: TxnId, commit: bool, record: Option<(i32, u64, u64, u64)> },
+    Prepared { txn: TxnId, record: Rec, fed: bool },
+    Apply { txn: TxnId, commit: bool, record: Option<Rec> },
+    Release { txn: TxnId, record: Rec },
+    Fence { epoch: u64, replaces: Option<u64>, record: Rec },
     Forget { txn: TxnId },
 }
+
+/// A branch record: (state, deadline, epoch, updated, one-phase mark).
+type Rec = (i32, u64, u64, u64, bool);
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum PServing {
     Prepare(TxnId),
     Decision { txn: TxnId, unknown: bool },
+    Recover(u64),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Part {
     core: pc::Core,
-    /// txn → (state, deadline, epoch, updated)
-    durable: BTreeMap<TxnId, (i32, u64, u64, u64)>,
+    /// txn → record (fences under (epoch, 0))
+    durable: BTreeMap<TxnId, Rec>,
     pending: Vec<PWrite>,
     timers: BTreeSet<(u64, pc::Timer)>,
     serving: BTreeMap<u64, PServing>,
@@ -236,6 +278,8 @@ pub struct Observed {
     pub spans: BTreeMap<TxnId, BTreeSet<usize>>,
     /// A PREPARED record landed for a tombstoned transaction.
     pub hanging: bool,
+    /// Transactions committed in one phase (the commit landed).
+    pub one_phase: BTreeSet<TxnId>,
 }
 
 /// The simulated cluster. See the module docs.
@@ -278,6 +322,7 @@ fn coord_config() -> cc::CoreConfig {
         abort_delivery_attempts: 2,
         retention_ms: 50_000,
         seed: 7,
+        one_phase: true,
     }
 }
 
@@ -285,12 +330,12 @@ fn part_config() -> pc::CoreConfig {
     pc::CoreConfig { query_after_prepare_ms: 100, query_base_ms: 10, query_max_ms: 40, retention_ms: 50_000, seed: 11 }
 }
 
-fn to_record((state, deadline, epoch, updated): (i32, u64, u64, u64)) -> BranchRecord {
-    BranchRecord { state, deadline_unix_ms: deadline, coordinator_epoch: epoch, updated_unix_ms: updated }
+fn to_record((state, deadline, epoch, updated, one_phase): Rec) -> BranchRecord {
+    BranchRecord { state, deadline_unix_ms: deadline, coordinator_epoch: epoch, updated_unix_ms: updated, one_phase }
 }
 
-fn from_record(r: &BranchRecord) -> (i32, u64, u64, u64) {
-    (r.state, r.deadline_unix_ms, r.coordinator_epoch, r.updated_unix_ms)
+fn from_record(r: &BranchRecord) -> Rec {
+    (r.state, r.deadline_unix_ms, r.coordinator_epoch, r.updated_unix_ms, r.one_phase)
 }
 
 impl World {
@@ -301,6 +346,7 @@ impl World {
             epoch: 1,
             durable: BTreeMap::new(),
             horizon: None,
+            markers: BTreeSet::new(),
             pending: Vec::new(),
             timers: BTreeSet::new(),
             serving: BTreeMap::new(),
@@ -339,6 +385,9 @@ impl World {
         for (k, c) in self.client.iter().enumerate() {
             if !c.0 {
                 out.push(Action::Start(k));
+            }
+            if faults && c.1.is_some() && c.2 == Some(Told::Unknown) {
+                out.push(Action::Status(k));
             }
         }
         let mut seen = BTreeSet::new();
@@ -460,6 +509,16 @@ impl World {
                         self.coord.durable.remove(&txn);
                         self.coord.horizon = Some(horizon);
                     }
+                    CWrite::Marker { participant } => {
+                        self.coord.markers.insert((self.coord.epoch, participant.clone()));
+                        let participant = ParticipantName::new(participant).expect("valid");
+                        self.coord_input(cfg, cc::Input::MarkerDurable { participant });
+                    }
+                    CWrite::ClearMarkers { participant, epochs } => {
+                        for e in epochs {
+                            self.coord.markers.remove(&(e, participant.clone()));
+                        }
+                    }
                 }
             }
             Action::LandParticipant(i) => {
@@ -484,11 +543,29 @@ impl World {
                             self.parts[i].durable.insert(txn, r);
                             if commit {
                                 *self.obs.applied.entry((i, txn)).or_default() += 1;
+                                if r.4 {
+                                    // A one-phase commit: its own prepare,
+                                    // and the transaction's decision.
+                                    self.obs.prepared.insert((i, txn));
+                                    self.obs.commit_durable.insert(txn);
+                                    self.obs.one_phase.insert(txn);
+                                }
                             } else {
                                 self.obs.aborted.insert((i, txn));
                             }
                         }
                         self.part_input(cfg, i, pc::Input::Applied { txn });
+                    }
+                    PWrite::Release { txn, record } => {
+                        self.parts[i].durable.insert(txn, record);
+                        self.part_input(cfg, i, pc::Input::Released { txn, result: Ok(()) });
+                    }
+                    PWrite::Fence { epoch, replaces, record } => {
+                        if let Some(old) = replaces {
+                            self.parts[i].durable.remove(&TxnId { epoch: old, seq: 0 });
+                        }
+                        self.parts[i].durable.insert(TxnId { epoch, seq: 0 }, record);
+                        self.part_input(cfg, i, pc::Input::FenceDurable { epoch });
                     }
                     PWrite::Forget { txn } => {
                         self.parts[i].durable.remove(&txn);
@@ -541,17 +618,38 @@ impl World {
                 self.budget.2 -= 1;
                 self.crash_participant(cfg, *i);
             }
+            Action::Status(k) => {
+                let Some((_, Some(txn), Some(Told::Unknown))) = self.client.get(*k).cloned() else { return false };
+                // Answered in this step: a fixed request id, so that an
+                // answer that changes nothing leaves the state as it was.
+                let req = u64::MAX - *k as u64;
+                self.coord.serving.insert(req, CServing::Status(*k));
+                self.coord_input(cfg, cc::Input::Status { req, txn });
+            }
         }
         true
     }
 
     fn deliver(&mut self, cfg: &SimConfig, m: Msg) {
         match m {
-            Msg::Prepare { to, txn, epoch, payload, deadline } => {
+            Msg::Prepare { to, txn, epoch, payload, deadline, one_phase } => {
                 let req = self.parts[to].next_req;
                 self.parts[to].next_req += 1;
                 self.parts[to].serving.insert(req, PServing::Prepare(txn));
-                self.part_input(cfg, to, pc::Input::Prepare { req, txn, epoch, payload, deadline: UnixMillis(deadline) });
+                self.part_input(cfg, to, pc::Input::Prepare { req, txn, epoch, payload, deadline: UnixMillis(deadline), one_phase });
+            }
+            Msg::Recover { to, epoch } => {
+                let req = self.parts[to].next_req;
+                self.parts[to].next_req += 1;
+                self.parts[to].serving.insert(req, PServing::Recover(epoch));
+                self.part_input(cfg, to, pc::Input::Recover { req, epoch });
+            }
+            Msg::Recovered { from, epoch, result } => {
+                if epoch != self.coord.epoch {
+                    return;
+                }
+                let participant = ParticipantName::new(name(from)).expect("valid");
+                self.coord_input(cfg, cc::Input::Collected { participant, endpoint: endpoint(from), result })
             }
             Msg::Decision { to, txn, epoch, commit } => {
                 let req = self.parts[to].next_req;
@@ -590,6 +688,13 @@ impl World {
             Msg::Query { from, txn } | Msg::QueryReply { to: from, txn, .. } => {
                 self.part_input(cfg, from, pc::Input::Decided { txn, decision: Err(why.into()) })
             }
+            Msg::Recover { to: from, epoch } | Msg::Recovered { from, epoch, .. } => {
+                if epoch != self.coord.epoch {
+                    return;
+                }
+                let participant = ParticipantName::new(name(from)).expect("valid");
+                self.coord_input(cfg, cc::Input::Collected { participant, endpoint: endpoint(from), result: Err(why.into()) })
+            }
         }
     }
 
@@ -622,6 +727,16 @@ impl World {
                         };
                         self.send(Msg::QueryReply { to: from, txn, decision });
                     }
+                    Some(CServing::Status(k)) => {
+                        // What Status says is what the client now believes.
+                        if let cc::Reply::Status(s) = reply {
+                            match s.state {
+                                cc::TxnState::Committed => self.client[k].2 = Some(Told::Committed),
+                                cc::TxnState::Aborted => self.client[k].2 = Some(Told::Aborted),
+                                _ => {}
+                            }
+                        }
+                    }
                     None => {}
                 },
                 cc::Effect::PersistDecision { txn, record, synced } => {
@@ -633,14 +748,25 @@ impl World {
                     }
                 }
                 cc::Effect::ForgetDecision { txn, horizon } => self.coord.pending.push(CWrite::Forget { txn, horizon }),
-                cc::Effect::SendPrepare { txn, participant, payload, deadline, .. } => {
+                cc::Effect::SendPrepare { txn, participant, payload, deadline, one_phase, .. } => {
                     let to = index(&participant);
                     self.obs.spans.entry(txn).or_default().insert(to);
                     if let Some(k) = payload.as_deref().and_then(txn_index) {
                         self.client[k].1 = Some(txn);
                     }
-                    self.send(Msg::Prepare { to, txn, epoch: self.coord.epoch, payload, deadline: deadline.0 });
+                    self.send(Msg::Prepare { to, txn, epoch: self.coord.epoch, payload, deadline: deadline.0, one_phase });
                 }
+                cc::Effect::PersistMarker { participant } => {
+                    if cfg.mutation == Mutation::OnePhaseWithoutMarker {
+                        self.coord_input(cfg, cc::Input::MarkerDurable { participant });
+                    } else {
+                        self.coord.pending.push(CWrite::Marker { participant: participant.as_str().to_owned() })
+                    }
+                }
+                cc::Effect::ClearMarkers { participant, epochs } => {
+                    self.coord.pending.push(CWrite::ClearMarkers { participant: participant.as_str().to_owned(), epochs })
+                }
+                cc::Effect::Collect { participant } => self.send(Msg::Recover { to: index(&participant), epoch: self.coord.epoch }),
                 cc::Effect::SendDecision { txn, participant, decision, .. } => {
                     let commit = matches!(decision, cc::PhaseTwo::Commit(_));
                     self.send(Msg::Decision { to: index(&participant), txn, epoch: self.coord.epoch, commit });
@@ -667,6 +793,13 @@ impl World {
                             other => Err(format!("{other:?}")),
                         };
                         self.send(Msg::Vote { from: i, txn, vote });
+                    }
+                    Some(PServing::Recover(epoch)) => {
+                        let result = match reply {
+                            pc::Reply::Recovered(txns) => Ok(txns),
+                            other => Err(format!("{other:?}")),
+                        };
+                        self.send(Msg::Recovered { from: i, epoch, result });
                     }
                     Some(PServing::Decision { txn, unknown }) => {
                         let ok = match reply {
@@ -700,6 +833,10 @@ impl World {
                 }
                 pc::Effect::QueryDecision { txn } => self.send(Msg::Query { from: i, txn }),
                 pc::Effect::Forget { txn } => self.parts[i].pending.push(PWrite::Forget { txn }),
+                pc::Effect::Release { txn, record } => self.parts[i].pending.push(PWrite::Release { txn, record: from_record(&record) }),
+                pc::Effect::PersistFence { epoch, replaces, record } => {
+                    self.parts[i].pending.push(PWrite::Fence { epoch, replaces, record: from_record(&record) })
+                }
                 pc::Effect::SetTimer { at, timer } => {
                     self.parts[i].timers.insert((at.0, timer));
                 }
@@ -714,6 +851,7 @@ impl World {
             match s {
                 CServing::Client(k) => self.client[k].2 = Some(Told::Unknown),
                 CServing::Query { from, txn } => self.send(Msg::QueryReply { to: from, txn, decision: Err("coordinator crashed".into()) }),
+                CServing::Status(_) => {}
             }
         }
         self.coord.pending.clear();
@@ -729,7 +867,9 @@ impl World {
             })
             .collect();
         self.coord.core = cc::Core::new(self.coord.epoch, coord_config());
-        let effects = self.coord.core.recover(UnixMillis(self.now), records, self.coord.horizon);
+        let mut effects = self.coord.core.recover(UnixMillis(self.now), records, self.coord.horizon);
+        let markers = self.coord.markers.iter().map(|(e, p)| (*e, ParticipantName::new(p.clone()).expect("valid"))).collect();
+        effects.extend(self.coord.core.recover_markers(markers));
         self.coord_effects(cfg, effects);
     }
 
@@ -739,6 +879,7 @@ impl World {
             match s {
                 PServing::Prepare(txn) => self.send(Msg::Vote { from: i, txn, vote: Err("participant crashed".into()) }),
                 PServing::Decision { txn, .. } => self.send(Msg::Ack { from: i, txn, ok: Err("participant crashed".into()) }),
+                PServing::Recover(epoch) => self.send(Msg::Recovered { from: i, epoch, result: Err("participant crashed".into()) }),
             }
         }
         let p = &mut self.parts[i];
@@ -850,14 +991,20 @@ impl World {
         if self.coord.core.unfinished() > 0 {
             v.push(format!("the coordinator holds {} unfinished transactions", self.coord.core.unfinished()));
         }
+        for p in self.coord.core.uncollected() {
+            v.push(format!("the coordinator never collected the one-phase outcomes of {p}"));
+        }
         for (i, p) in self.parts.iter().enumerate() {
             let doubt = p.core.in_doubt();
             if !doubt.is_empty() {
                 v.push(format!("p{i} is in doubt about {doubt:?}"));
             }
-            for (txn, (state, ..)) in &p.durable {
+            for (txn, (state, .., one_phase)) in &p.durable {
                 if *state == BranchState::Prepared as i32 {
                     v.push(format!("p{i} holds a PREPARED record of {txn}"));
+                }
+                if *one_phase {
+                    v.push(format!("p{i} holds an unreleased one-phase commit of {txn}"));
                 }
             }
         }

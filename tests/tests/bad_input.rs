@@ -284,7 +284,13 @@ fn list_rq(in_doubt_only: bool, limit: u32) -> tp::ListTransactionsRequest {
 }
 
 fn prepare_rq(id: &str, epoch: u64, payload: Option<&[u8]>, deadline_unix_ms: u64) -> tp::PrepareRequest {
-    tp::PrepareRequest { txn_id: id.into(), coordinator_epoch: epoch, payload: payload.map(<[u8]>::to_vec), deadline_unix_ms }
+    tp::PrepareRequest {
+        txn_id: id.into(),
+        coordinator_epoch: epoch,
+        payload: payload.map(<[u8]>::to_vec),
+        deadline_unix_ms,
+        one_phase: false,
+    }
 }
 
 fn commit_branch_rq(id: &str, epoch: u64) -> tp::CommitBranchRequest {
@@ -493,7 +499,10 @@ async fn coordinator_refuses_bad_input_precisely() {
 
 #[tokio::test]
 async fn participant_refuses_bad_input_precisely() {
-    let (c, ps) = second_run(&["wallet"], |_| {}).await;
+    // Two phases throughout, so that the committed branch below was
+    // prepared (a one-phase commit answers a repeated Prepare COMMITTED;
+    // the participant core's tests cover it).
+    let (c, ps) = second_run(&["wallet"], |c| c.one_phase = false).await;
     let mut p = tp::participant_client::ParticipantClient::new(ps[0].channel());
     let mut wallet = WalletClient::new(ps[0].channel());
     // A committed, an aborted and an active transaction (the active one
@@ -596,10 +605,15 @@ async fn commit_while_aborting(c: &TestCoordinator, id: &str) -> Result<tonic::R
 /// Calls that arrive while a Commit is preparing: the prepare goes to a
 /// participant that never answers (a socket that is never accepted, and a
 /// prepare timeout far away), so the transaction stays in PREPARING until
-/// the initiator aborts it.
+/// the initiator aborts it. (Two phases: a one-phase commit cannot be
+/// aborted by the initiator once its Prepare may have left.)
 #[tokio::test]
 async fn calls_during_prepare_are_refused_or_answered_as_the_first() {
-    let c = TestCoordinator::start(|cfg| cfg.prepare_timeout = Duration::from_secs(60)).await;
+    let c = TestCoordinator::start(|cfg| {
+        cfg.prepare_timeout = Duration::from_secs(60);
+        cfg.one_phase = false;
+    })
+    .await;
     let hole = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let hole_ep = format!("http://{}", hole.local_addr().expect("addr"));
     let mut raw = c.raw();

@@ -368,3 +368,51 @@ async fn phase_two_follows_a_participant_that_restarts_on_a_new_address() {
     println!("settled {settled:?} after bank-a came back on {moved}");
     cluster.stop().await.expect("stop");
 }
+
+/// One-phase commit through a coordinator crash: a transaction with one
+/// participant commits there in one phase, and the coordinator dies before
+/// recording it (the initiator may not have heard the answer). Restarted,
+/// the coordinator does not presume it aborted: Status waits
+/// (OUTCOME_BEING_COLLECTED) until the participant has reported its
+/// one-phase commits, then answers COMMITTED, and the participant's record
+/// is released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_phase_commit_is_collected_after_the_coordinator_dies_before_recording_it() {
+    use twopc_examples::pb;
+    let mut cluster = ProcCluster::start(&NAMES, ClusterOptions::default()).await.expect("cluster");
+    let client = cluster.client().expect("client");
+    let seeded = client.execute([("bank-a", b"put balance/x 100".to_vec())], Duration::from_secs(5)).await.expect("seed");
+    assert_eq!(seeded.outcome, Outcome::Committed, "the seed itself commits in one phase");
+    cluster.quiesce(Duration::from_secs(10)).await.expect("seeded");
+
+    cluster.coordinator.stop().await.expect("stop");
+    cluster.coordinator.start(Some("coordinator::before_decision_write=return")).await.expect("arm");
+    let txn = client.begin(Duration::from_secs(30)).await.expect("begin");
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.participants[0].addr)).expect("url").connect_lazy();
+    let mut wallet = pb::wallet_client::WalletClient::with_interceptor(ch, txn.interceptor());
+    wallet.debit(pb::DebitRequest { account: "x".into(), amount: 10, order_id: "o1".into() }).await.expect("debit");
+    let told = txn.commit().await;
+    assert!(cluster.coordinator.wait_exit(Duration::from_secs(15)).await.expect("wait"), "the coordinator died");
+    assert!(cluster.coordinator.crashed_at("coordinator::before_decision_write"), "before recording the one-phase commit");
+    let snap = cluster.snapshot(0).await.expect("snapshot");
+    assert_eq!(snap.entries.get("balance/x").map(String::as_str), Some("90"), "bank-a committed in one phase");
+
+    cluster.coordinator.start(None).await.expect("restart");
+    // Until bank-a has reported, Status is UNAVAILABLE (transient): "not
+    // known yet", never "presumed aborted".
+    let state = twopc_tests::poll("Status to answer after the restart", Duration::from_secs(30), || {
+        let (client, id) = (client.clone(), txn.id());
+        async move {
+            match client.status(id).await {
+                Ok(s) => Ok(s.state),
+                Err(twopc_participant::ClientError::Unavailable(m)) => Err(format!("unavailable: {m}")),
+                Err(e) => panic!("Status of {id} refused: {e}"),
+            }
+        }
+    })
+    .await;
+    assert_eq!(state, twopc_proto::pb::TxnState::Committed as i32, "Status after the restart (the client was told {told:?})");
+    let (_, snaps) = cluster.quiesce(Duration::from_secs(30)).await.expect("settled");
+    assert_eq!(snaps[0].entries.get("balance/x").map(String::as_str), Some("90"), "applied once");
+    cluster.stop().await.expect("stop");
+}

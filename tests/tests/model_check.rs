@@ -2,10 +2,12 @@
 //! `Core::step` code the daemon and the participant library run), with
 //! stateright, over the simulated cluster of `twopc_tests::sim`.
 //!
-//! Explored: one coordinator, two or three participants, one or two
-//! transactions; messages delivered in any order, lost or duplicated; any
-//! process crashing (losing everything not durable) and recovering from
-//! what it made durable; "the write became durable" as a step of its own.
+//! Explored: one coordinator, one to three participants, one or two
+//! transactions (a transaction with one participant commits in one phase);
+//! messages delivered in any order, lost or duplicated; any process
+//! crashing (losing everything not durable) and recovering from what it
+//! made durable; "the write became durable" as a step of its own; a client
+//! cut off by a coordinator crash asking Status (its answer must hold).
 //! Checked in every reachable state: agreement, validity, durability and
 //! stability of the decision, idempotency, no hanging (`World::violations`),
 //! and that from every state a fair, fault-free continuation finishes every
@@ -182,6 +184,38 @@ fn three_participants_with_a_crash() {
 }
 
 #[test]
+fn one_participant_commits_in_one_phase_through_crashes_and_losses() {
+    let name = "1 participant (one phase), 1 loss, 2 crashes, 1 timer";
+    let o = check(name, faults(base(1, vec![(vec![0], None)]), 1, 0, 2, 1), Reachable::Commit, false);
+    assert_clean(name, &o);
+    let name = "1 participant (one phase) votes no, 1 loss, 1 duplicate, 1 crash, 1 timer";
+    let o = check(name, faults(base(1, vec![(vec![0], Some(0))]), 1, 1, 1, 1), Reachable::Abort, false);
+    assert_clean(name, &o);
+}
+
+#[test]
+fn one_phase_and_two_phase_transactions_side_by_side() {
+    let name = "2 participants, a one-phase and a two-phase transaction, 1 crash";
+    let o = check(name, faults(base(2, vec![(vec![0], None), (vec![0, 1], None)]), 0, 0, 1, 0), Reachable::Commit, false);
+    assert_clean(name, &o);
+}
+
+/// Mutation: one-phase commit without the durable marker. A coordinator
+/// that crashes after sending a one-phase Prepare does not know, once
+/// restarted, that it must collect the participant's outcome first, and
+/// answers Status with "presumed aborted" for a transaction the participant
+/// committed; the checker must find it.
+#[test]
+fn checker_catches_one_phase_without_the_marker() {
+    let cfg = SimConfig { mutation: Mutation::OnePhaseWithoutMarker, ..faults(base(1, vec![(vec![0], None)]), 0, 0, 1, 0) };
+    let o = check("mutation: one phase without the marker", cfg, Reachable::Commit, true);
+    let (prop, actions, why) = o.discoveries.first().expect("the checker must find a counterexample for this bug");
+    println!("counterexample for {prop:?} in {} steps: {why:?}", actions.len());
+    assert!(actions.iter().any(|a| matches!(a, Action::CrashCoordinator)), "the counterexample needs a coordinator crash: {actions:?}");
+    assert!(actions.iter().any(|a| matches!(a, Action::Status(_))), "the counterexample needs a Status answer: {actions:?}");
+}
+
+#[test]
 fn deeper_configurations_by_hand() {
     if std::env::var("TWOPC_MODEL_DEEP").is_err() {
         println!("skipped: set TWOPC_MODEL_DEEP=1 for two transactions, three participants and more faults");
@@ -191,6 +225,11 @@ fn deeper_configurations_by_hand() {
         ("2 participants, 1 loss, 2 crashes, 1 timer", faults(base(2, vec![(vec![0, 1], None)]), 1, 0, 2, 1)),
         ("2 transactions over 2 participants, 1 crash", faults(base(2, vec![(vec![0, 1], None), (vec![0, 1], Some(0))]), 0, 0, 1, 0)),
         ("3 participants, 1 crash, 1 timer", faults(base(3, vec![(vec![0, 1, 2], None)]), 0, 0, 1, 1)),
+        ("1 participant (one phase), 1 loss, 1 duplicate, 2 crashes, 1 timer", faults(base(1, vec![(vec![0], None)]), 1, 1, 2, 1)),
+        (
+            "2 participants, a one-phase and a two-phase transaction, 1 loss, 2 crashes, 1 timer",
+            faults(base(2, vec![(vec![0], None), (vec![0, 1], Some(1))]), 1, 0, 2, 1),
+        ),
     ];
     for (name, cfg) in runs {
         let o = check(name, cfg, Reachable::Both, false);

@@ -365,12 +365,20 @@ async fn show_gives_the_timeline_and_list_filters_by_state_age_and_participant()
             ("COMMIT_REQUESTED", ""),
             ("PREPARE_SENT", "wallet"),
             ("VOTED", "wallet"),
-            ("DECISION_WRITE_STARTED", ""),
             ("COMMITTED", ""),
+            ("DECISION_WRITE_STARTED", ""),
             ("DECISION_SENT", "wallet"),
             ("ACKNOWLEDGED", "wallet"),
             ("FINISHED", ""),
         ],
+        "{events:?}"
+    );
+    // One participant: one phase. Its durable answer is the outcome; the
+    // coordinator records it afterwards, then releases the participant.
+    let details: Vec<&str> = events.iter().map(|(_, _, d)| d.as_str()).collect();
+    assert_eq!(
+        (details[3], details[4], details[5]),
+        ("one phase", "COMMITTED (one phase)", "committed in one phase by wallet"),
         "{events:?}"
     );
     assert_eq!(events[1].2, ps[0].url(), "the enlistment names the endpoint");

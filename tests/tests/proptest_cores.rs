@@ -261,6 +261,9 @@ mod coord {
             abort_delivery_attempts: 3,
             retention_ms: RETENTION,
             seed: 42,
+            // The reference model is of two-phase commit; one phase is
+            // checked by the model check and the simulation.
+            one_phase: false,
         }
     }
 
@@ -789,7 +792,7 @@ mod coord {
                             Ok(Vote::Yes) => VoteKind::Yes,
                             Ok(Vote::No(_)) => VoteKind::No,
                             Ok(Vote::ReadOnly) => VoteKind::ReadOnly,
-                            Err(_) => VoteKind::Err,
+                            Ok(Vote::Committed) | Err(_) => VoteKind::Err,
                         };
                         r.votes.entry(participant.as_str().to_owned()).or_insert(kind);
                     }
@@ -797,7 +800,12 @@ mod coord {
                 Input::Durable { txn } => {
                     self.known_durable.insert(*txn);
                 }
-                Input::Delivered { .. } | Input::PersistFailed { .. } | Input::Timer(_) => {}
+                Input::Delivered { .. }
+                | Input::PersistFailed { .. }
+                | Input::Timer(_)
+                | Input::MarkerDurable { .. }
+                | Input::MarkerFailed { .. }
+                | Input::Collected { .. } => {}
             }
         }
 
@@ -908,7 +916,8 @@ mod coord {
                         self.stats.forgets += 1;
                         self.queue.push(Write::Forget { txn, horizon });
                     }
-                    Effect::SendPrepare { txn, participant, endpoint: ep, payload, deadline } => {
+                    Effect::SendPrepare { txn, participant, endpoint: ep, payload, deadline, one_phase } => {
+                        ensure!(!one_phase, "a one-phase Prepare of {txn} with one-phase commit switched off");
                         let name = participant.as_str().to_owned();
                         ensure!(txn.epoch == self.epoch, "Prepare of {txn} sent by the epoch-{} run", self.epoch);
                         let Some(r) = self.run.get_mut(&txn) else {
@@ -950,6 +959,9 @@ mod coord {
                     Effect::SetTimer { at, timer } => {
                         let pos = self.timers.partition_point(|(t, _)| *t <= at);
                         self.timers.insert(pos, (at, timer));
+                    }
+                    e @ (Effect::PersistMarker { .. } | Effect::ClearMarkers { .. } | Effect::Collect { .. }) => {
+                        return Err(format!("{e:?} with one-phase commit switched off"));
                     }
                 }
             }
@@ -1504,7 +1516,7 @@ mod part {
                     let txn = self.pick(k);
                     let req = self.req();
                     let payload = payload.then(|| b"put k v".to_vec());
-                    self.feed(Input::Prepare { req, txn, epoch: txn.epoch, payload, deadline: deadline_of(txn) })
+                    self.feed(Input::Prepare { req, txn, epoch: txn.epoch, payload, deadline: deadline_of(txn), one_phase: false })
                 }
                 Op::ResourceVoted { i, vote } => {
                     if self.resource_prepares.is_empty() {
@@ -1812,7 +1824,7 @@ mod part {
                 Input::Join { req, txn } => {
                     self.reqs.insert(*req, Req::Join { txn: *txn });
                 }
-                Input::Prepare { req, txn, epoch, payload, deadline } => {
+                Input::Prepare { req, txn, epoch, payload, deadline, .. } => {
                     let phase = self.core.phase(*txn);
                     let fresh = matches!(phase, None | Some(Phase::Active));
                     let tombstone = self.txns.get(txn).is_some_and(|t| t.tombstone);
@@ -1963,6 +1975,9 @@ mod part {
                         self.txn(txn).tombstone = false;
                         ensure!(self.core.phase(txn).is_none(), "Effect::Forget of {txn} but the core still holds it");
                     }
+                    e @ (Effect::Release { .. } | Effect::PersistFence { .. }) => {
+                        return Err(format!("{e:?} without any one-phase Prepare or Recover"));
+                    }
                     Effect::SetTimer { at, timer } => {
                         let pos = self.timers.partition_point(|(t, _)| *t <= at);
                         self.timers.insert(pos, (at, timer));
@@ -2000,6 +2015,7 @@ mod part {
                         }
                     }
                     match v {
+                        SentVote::Committed(_) => return Err(format!("COMMITTED for {txn}, which was never asked to commit in one phase")),
                         SentVote::Yes(_) => {
                             let st = self.durable_state(txn);
                             ensure!(

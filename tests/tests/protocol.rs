@@ -396,6 +396,9 @@ async fn a_participant_without_deliver_gets_one_rpc_per_message() {
         async fn deliver(&self, _r: tonic::Request<tp::DeliverRequest>) -> Result<tonic::Response<Self::DeliverStream>, tonic::Status> {
             Err(tonic::Status::unimplemented("an old participant"))
         }
+        async fn recover(&self, _r: tonic::Request<tp::RecoverRequest>) -> Result<tonic::Response<tp::RecoverResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("an old participant"))
+        }
     }
 
     let (c, ps) = cluster(&["wallet"]).await;
@@ -423,5 +426,17 @@ async fn a_participant_without_deliver_gets_one_rpc_per_message() {
     .await;
     settled(&ps).await;
     assert_eq!(ps[0].get("balance/leg").as_deref(), Some("1"));
+
+    // Alone in a transaction, it is asked to commit in one phase; it does
+    // not know how, answers YES as to any Prepare, and two phases follow.
+    let done = c.client().execute([("legacy", b"anything".to_vec())], Duration::from_secs(5)).await.expect("answered");
+    assert_eq!(done.outcome, Outcome::Committed);
+    let single = done.txn.to_string();
+    eventually("the old participant acknowledged COMMIT of the one-participant transaction", Duration::from_secs(10), || {
+        let calls = old.calls.lock().map(|c| c.clone()).unwrap_or_default();
+        let want = [format!("prepare {txn}"), format!("commit {txn}"), format!("prepare {single}"), format!("commit {single}")];
+        std::future::ready(calls == want)
+    })
+    .await;
     server.abort();
 }

@@ -20,7 +20,10 @@ fn config(rng: &mut StdRng, mutation: Mutation) -> SimConfig {
     let participants = rng.random_range(2..=3);
     let txns = (0..rng.random_range(1..=3))
         .map(|_| {
-            let mut span: Vec<usize> = (0..participants).filter(|_| rng.random_bool(0.8)).collect();
+            // A third of the transactions have one participant, and so
+            // commit in one phase.
+            let mut span: Vec<usize> =
+                if rng.random_bool(0.3) { Vec::new() } else { (0..participants).filter(|_| rng.random_bool(0.8)).collect() };
             if span.is_empty() {
                 span.push(rng.random_range(0..participants));
             }
@@ -35,13 +38,15 @@ fn involves(m: &Msg, node: Option<usize>) -> bool {
     let p = match m {
         Msg::Prepare { to, .. } | Msg::Decision { to, .. } | Msg::QueryReply { to, .. } => *to,
         Msg::Vote { from, .. } | Msg::Ack { from, .. } | Msg::Query { from, .. } => *from,
+        Msg::Recover { to, .. } => *to,
+        Msg::Recovered { from, .. } => *from,
     };
     // Every message has the coordinator at one end.
     node.is_none_or(|n| n == p)
 }
 
 /// One run; `Err` carries the schedule and what broke.
-fn run(seed: u64, mutation: Mutation) -> Result<(usize, bool), String> {
+fn run(seed: u64, mutation: Mutation) -> Result<(usize, bool, usize), String> {
     let mut rng = StdRng::seed_from_u64(seed);
     let cfg = config(&mut rng, mutation);
     let mut w = World::new(&cfg);
@@ -97,7 +102,7 @@ fn run(seed: u64, mutation: Mutation) -> Result<(usize, bool), String> {
     if !broken.is_empty() {
         return Err(format!("after the fair continuation: {broken:?}\nconfig {cfg:?}\nschedule {schedule:#?}"));
     }
-    Ok((schedule.len(), drained.some_committed()))
+    Ok((schedule.len(), drained.some_committed(), drained.obs.one_phase.len()))
 }
 
 #[test]
@@ -113,31 +118,34 @@ fn random_schedules_keep_every_rule() {
     let base: u64 = rand::rng().random();
     println!("simulation: {runs} runs from seed {base} (replay one with TWOPC_SIM_SEED=<seed>)");
     let started = Instant::now();
-    let (mut steps, mut committed) = (0usize, 0usize);
+    let (mut steps, mut committed, mut one_phase) = (0usize, 0usize, 0usize);
     for i in 0..runs {
         let seed = base.wrapping_add(i);
         match run(seed, Mutation::None) {
-            Ok((n, c)) => {
+            Ok((n, c, o)) => {
                 steps += n;
                 committed += usize::from(c);
+                one_phase += o;
             }
             Err(e) => panic!("seed {seed} failed (replay with TWOPC_SIM_SEED={seed}): {e}"),
         }
     }
     println!(
-        "simulation: {runs} runs, {steps} steps, {committed} runs with a commit, 0 violations, {:.1} s",
+        "simulation: {runs} runs, {steps} steps, {committed} runs with a commit, {one_phase} one-phase commits, 0 violations, {:.1} s",
         started.elapsed().as_secs_f64()
     );
     assert!(committed > 0, "no run committed anything: the simulation is vacuous");
+    assert!(one_phase > 0 || runs < 100, "no one-phase commit in {runs} runs: one phase went unchecked");
 }
 
 /// The simulation has teeth: with a planted bug (a participant votes YES
 /// before its prepare is durable; the coordinator commits before its
-/// decision is durable) some schedule breaks a rule.
+/// decision is durable; the one-phase marker is never written) some
+/// schedule breaks a rule.
 #[test]
 fn random_schedules_catch_planted_bugs() {
     let base: u64 = rand::rng().random();
-    for mutation in [Mutation::ParticipantVotesBeforeDurable, Mutation::CoordinatorCommitsBeforeDurable] {
+    for mutation in [Mutation::ParticipantVotesBeforeDurable, Mutation::CoordinatorCommitsBeforeDurable, Mutation::OnePhaseWithoutMarker] {
         let found = (0..20_000u64).map(|i| base.wrapping_add(i)).find_map(|seed| run(seed, mutation).err().map(|e| (seed, e)));
         let (seed, e) = found.unwrap_or_else(|| panic!("no schedule from seed {base} caught {mutation:?}"));
         println!("{mutation:?} caught by seed {seed}: {}", e.lines().next().unwrap_or_default());
