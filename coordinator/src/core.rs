@@ -35,7 +35,7 @@
 //!   A one-phase commit is recorded (synced, off the caller's path) before
 //!   the participant is told to release its own record.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use twopc_proto::logpb::{DecisionRecord, LoggedParticipant};
 use twopc_proto::{AbortCode, AbortReason, Decision, Outcome, ParticipantName, TxnId, UnixMillis, Vote};
@@ -646,6 +646,10 @@ pub struct Core {
     markers: BTreeMap<ParticipantName, Marker>,
     /// Earlier runs' one-phase markers not yet collected, by participant.
     uncollected: BTreeMap<ParticipantName, Vec<u64>>,
+    /// Collected participants whose markers are deleted once the commits
+    /// they reported are durably recorded: those transactions, and the
+    /// markers' runs.
+    clearing: BTreeMap<ParticipantName, (BTreeSet<TxnId>, Vec<u64>)>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
@@ -670,6 +674,7 @@ impl Core {
             rng,
             markers: BTreeMap::new(),
             uncollected: BTreeMap::new(),
+            clearing: BTreeMap::new(),
         }
     }
 
@@ -684,6 +689,11 @@ impl Core {
             }
         }
         self.uncollected.keys().map(|p| Effect::Collect { participant: p.clone() }).collect()
+    }
+
+    /// How many participants [`Core::uncollected`] lists, without copying.
+    pub fn uncollected_count(&self) -> usize {
+        self.uncollected.len()
     }
 
     /// Participants whose one-phase outcomes of earlier runs are not yet
@@ -864,6 +874,15 @@ impl Core {
             Input::Durable { txn } => self.durable(&mut out, now, txn),
             Input::PersistFailed { txn, error } => {
                 if let Some(t) = self.txns.get_mut(&txn)
+                    && t.state == TxnState::Committed
+                    && t.recording
+                {
+                    // A one-phase commit (the participant's, durable) could
+                    // not be recorded here. The participant keeps its record
+                    // unreleased, and the marker stays: the next start
+                    // collects it again. Until then it stays in doubt.
+                    t.log_failed = Some(error);
+                } else if let Some(t) = self.txns.get_mut(&txn)
                     && t.state == TxnState::Deciding
                 {
                     // The decision may or may not be on disk. Stay in
@@ -948,12 +967,30 @@ impl Core {
             }
         };
         let epochs = self.uncollected.remove(&participant).unwrap_or_default();
+        let mut recording = BTreeSet::new();
         for txn in txns {
-            // Only transactions of the collected runs: anything else is not
-            // this participant's to report.
-            if !epochs.contains(&txn.epoch) || self.txns.contains_key(&txn) {
+            if txn.epoch >= self.epoch {
                 continue;
             }
+            if let Some(t) = self.txns.get_mut(&txn) {
+                // Held: recorded already. If it was released and finished,
+                // the participant lost the release (a lazy write, in a
+                // machine crash): release it again.
+                if t.state == TxnState::Committed
+                    && t.finished
+                    && let Some(b) = t.participants.get_mut(&participant)
+                {
+                    t.finished = false;
+                    b.acked = false;
+                    b.delivering = false;
+                    b.retry_scheduled = false;
+                    self.send_phase_two(out, now, txn, PhaseTwo::Commit(DecisionDurable { _private: () }));
+                }
+                continue;
+            }
+            // An unreleased one-phase commit is committed, whatever run it
+            // belongs to (also one whose markers were collected before).
+            recording.insert(txn);
             let branch = Branch {
                 endpoint: endpoint.clone(),
                 payload: None,
@@ -989,9 +1026,13 @@ impl Core {
                 synced: true,
             });
         }
-        // Written after the records above, so a crash in between only
-        // collects again.
-        out.push(Effect::ClearMarkers { participant, epochs });
+        // Deleted once the records above are durable, so that a crash or
+        // a failed write in between only collects again.
+        if recording.is_empty() {
+            out.push(Effect::ClearMarkers { participant, epochs });
+        } else {
+            self.clearing.insert(participant, (recording, epochs));
+        }
     }
 
     /// Not held, and at or below the horizon: it may have committed and been
@@ -1235,6 +1276,10 @@ impl Core {
         }
         if t.one_phase {
             b.delivering = false;
+            if vote.is_ok() {
+                // Answered: the payload is never sent again.
+                b.payload = None;
+            }
             match vote {
                 Ok(Vote::Committed) => {
                     // The participant's durable commit is the decision.
@@ -1329,6 +1374,16 @@ impl Core {
             // A one-phase commit is recorded: the participant may release.
             t.recording = false;
             self.send_phase_two(out, now, txn, PhaseTwo::Commit(DecisionDurable { _private: () }));
+            let done: Vec<ParticipantName> = self
+                .clearing
+                .iter_mut()
+                .filter_map(|(p, (pending, _))| (pending.remove(&txn) && pending.is_empty()).then(|| p.clone()))
+                .collect();
+            for participant in done {
+                if let Some((_, epochs)) = self.clearing.remove(&participant) {
+                    out.push(Effect::ClearMarkers { participant, epochs });
+                }
+            }
             return;
         }
         if t.state != TxnState::Deciding {

@@ -2845,18 +2845,13 @@ fn after_a_restart_unknown_transactions_of_a_marked_run_wait_for_collection() {
     let fx = h.step(at(2), Input::Collected { participant: p("a"), endpoint: ep("a"), result: Err("unreachable".into()) });
     assert_eq!(fx, vec![Fx::Timer(at(2 + RETRY_MAX), Timer::Collect(p("a")))]);
     assert_eq!(h.timer(at(2 + RETRY_MAX), Timer::Collect(p("a"))), vec![Fx::Collect(p("a"))]);
-    // "a" reports one commit: recorded, then released; the markers go after.
+    // "a" reports one commit: recorded; once that is durable, released,
+    // and only then are the markers deleted.
     let fx = h.step(at(3), Input::Collected { participant: p("a"), endpoint: ep("a"), result: Ok(vec![committed]) });
-    assert_eq!(
-        fx,
-        vec![
-            Fx::Persist { txn: committed, record: decision_record(&["a"], at(3), false), synced: true },
-            Fx::ClearMarkers(p("a"), vec![EPOCH])
-        ]
-    );
+    assert_eq!(fx, vec![Fx::Persist { txn: committed, record: decision_record(&["a"], at(3), false), synced: true }]);
     assert_eq!(h.txn_status(at(3), committed).state, TxnState::Committed);
     assert_eq!(h.status(at(3), other), waiting("b", other));
-    assert_eq!(h.durable(at(4), committed), vec![commit_to(committed, "a")]);
+    assert_eq!(h.durable(at(4), committed), vec![commit_to(committed, "a"), Fx::ClearMarkers(p("a"), vec![EPOCH])]);
     // "b" reports nothing: the rest of run 1 is presumed aborted again.
     let fx = h.step(at(5), Input::Collected { participant: p("b"), endpoint: ep("b"), result: Ok(vec![]) });
     assert_eq!(fx, vec![Fx::ClearMarkers(p("b"), vec![EPOCH])]);
@@ -2867,4 +2862,52 @@ fn after_a_restart_unknown_transactions_of_a_marked_run_wait_for_collection() {
     // A late timer or answer changes nothing.
     assert_eq!(h.timer(at(7), Timer::Collect(p("a"))), vec![]);
     assert_eq!(h.step(at(8), Input::Collected { participant: p("b"), endpoint: ep("b"), result: Ok(vec![other]) }), vec![]);
+}
+
+#[test]
+fn a_reported_commit_already_held_and_finished_is_released_again() {
+    // The participant lost its release (a lazy write) in a machine crash and
+    // reports the commit again: the coordinator, which holds it as finished,
+    // releases it again instead of skipping it.
+    let mut h = one_phase_core(EPOCH + 1);
+    let txn = TxnId { epoch: EPOCH, seq: 3 };
+    let _ = h.core.recover(T0, vec![(txn, decision_record(&["a"], T0, true))], None);
+    let _ = h.core.recover_markers(vec![(EPOCH, p("a"))]);
+    let fx = h.step(at(1), Input::Collected { participant: p("a"), endpoint: ep("a"), result: Ok(vec![txn]) });
+    assert_eq!(fx, vec![commit_to(txn, "a"), Fx::ClearMarkers(p("a"), vec![EPOCH])]);
+    let fx = h.delivered(at(2), txn, "a", Ok(()));
+    assert_eq!(fx, vec![Fx::Persist { txn, record: decision_record(&["a"], at(2), true), synced: false }, forget_fx(at(2), txn)]);
+}
+
+#[test]
+fn a_one_phase_commit_that_cannot_be_recorded_stays_unreleased_and_its_markers_stay() {
+    let mut h = one_phase_core(EPOCH);
+    let (txn, _) = h.active(&["a"]);
+    let _ = h.commit(at(100), txn);
+    let _ = h.step(at(105), Input::MarkerDurable { participant: p("a") });
+    let _ = h.vote(at(110), txn, "a", Ok(Vote::Committed));
+    // Nothing is released: the participant keeps the outcome until a later
+    // run collects it.
+    assert_eq!(h.step(at(120), Input::PersistFailed { txn, error: "disk full".into() }), vec![]);
+    assert_eq!(h.txn_status(at(121), txn).state, TxnState::Committed);
+    assert_eq!(h.core.unfinished(), 1);
+
+    // Collected after a restart, a record that fails keeps the markers.
+    let mut h = one_phase_core(EPOCH + 1);
+    let _ = h.core.recover_markers(vec![(EPOCH, p("a"))]);
+    let fx = h.step(at(1), Input::Collected { participant: p("a"), endpoint: ep("a"), result: Ok(vec![txn]) });
+    assert_eq!(fx, vec![Fx::Persist { txn, record: decision_record(&["a"], at(1), false), synced: true }]);
+    assert_eq!(h.step(at(2), Input::PersistFailed { txn, error: "disk full".into() }), vec![]);
+}
+
+#[test]
+fn an_answered_one_phase_prepare_drops_its_payload() {
+    let mut h = one_phase_core(EPOCH);
+    let branches = vec![ExecBranch { participant: p("a"), endpoint: ep("a"), payload: vec![7; 64] }];
+    let _ = h.step(T0, Input::Execute { req: 1, branches, timeout_ms: 0 });
+    let txn = TxnId { epoch: EPOCH, seq: 1 };
+    let _ = h.step(at(5), Input::MarkerDurable { participant: p("a") });
+    assert!(format!("{:?}", h.core).contains("[7, 7, 7"), "held until answered, to ask again");
+    let _ = h.vote(at(10), txn, "a", Ok(Vote::Committed));
+    assert!(!format!("{:?}", h.core).contains("[7, 7, 7"), "the payload is still held after the answer");
 }

@@ -562,6 +562,7 @@ impl Driver {
         metrics::gauge!(instruments::IN_FLIGHT).set(self.core.unfinished() as f64);
         metrics::gauge!(instruments::IN_DOUBT).set(in_doubt as f64);
         metrics::gauge!(instruments::OLDEST_IN_DOUBT_SECONDS).set(oldest_ms as f64 / 1000.0);
+        metrics::gauge!(instruments::ONE_PHASE_UNCOLLECTED).set(self.core.uncollected_count() as f64);
     }
 
     fn client(&mut self, endpoint: &str) -> Result<ParticipantClient<Channel>, String> {

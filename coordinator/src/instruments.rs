@@ -48,6 +48,9 @@ pub const IN_DOUBT: &str = "twopc_in_doubt";
 /// Gauge of the age of the oldest in-doubt transaction, in seconds (0 when
 /// none).
 pub const OLDEST_IN_DOUBT_SECONDS: &str = "twopc_oldest_in_doubt_seconds";
+/// Gauge: participants whose one-phase outcomes of earlier runs are not
+/// collected yet (Status of those runs' unknown transactions waits).
+pub const ONE_PHASE_UNCOLLECTED: &str = "twopc_one_phase_uncollected_participants";
 
 /// How often the driver refreshes the gauges that need a scan of the core
 /// ([`IN_FLIGHT`], [`IN_DOUBT`], [`OLDEST_IN_DOUBT_SECONDS`]).
@@ -115,6 +118,7 @@ fn describe() {
     describe_gauge!(IN_FLIGHT, "Transactions begun and not finished.");
     describe_gauge!(IN_DOUBT, "Transactions past phase one whose phase two is not finished.");
     describe_gauge!(OLDEST_IN_DOUBT_SECONDS, Unit::Seconds, "Age of the oldest in-doubt transaction.");
+    describe_gauge!(ONE_PHASE_UNCOLLECTED, "Participants whose one-phase outcomes of earlier runs are not collected yet.");
     describe_histogram!(twopc_storage::METRIC_SYNC_SECONDS, Unit::Seconds, "Latency of each synced (fsync'd) log write.");
     describe_histogram!(twopc_storage::METRIC_BATCH_REQUESTS, "Requests merged into each synced log write (group commit).");
 }

@@ -472,8 +472,8 @@ pub struct Core {
     max_epoch: u64,
     /// The newest fence written (or being written), by epoch.
     fence: Option<u64>,
-    /// The newest fence's record is durable.
-    fence_durable: bool,
+    /// The newest fence known durable.
+    durable_fence: Option<u64>,
     /// Recover callers, with their epoch and whether its fence is durable.
     fences: Vec<(ReqId, u64, bool)>,
     rng: u64,
@@ -497,7 +497,7 @@ impl Core {
     /// A core with no branches.
     pub fn new(config: CoreConfig) -> Self {
         let rng = config.seed | 1;
-        Core { config, branches: BTreeMap::new(), max_epoch: 0, fence: None, fence_durable: false, fences: Vec::new(), rng }
+        Core { config, branches: BTreeMap::new(), max_epoch: 0, fence: None, durable_fence: None, fences: Vec::new(), rng }
     }
 
     /// The phase of a branch, if held.
@@ -523,7 +523,7 @@ impl Core {
             self.max_epoch = self.max_epoch.max(r.coordinator_epoch);
             if r.state == BranchState::Fence as i32 {
                 self.fence = self.fence.max(Some(r.coordinator_epoch));
-                self.fence_durable = true;
+                self.durable_fence = self.fence;
                 continue;
             }
             let mut b = Branch::new(Phase::Aborted, UnixMillis(r.deadline_unix_ms), r.coordinator_epoch);
@@ -580,7 +580,8 @@ impl Core {
                             for w in std::mem::take(&mut b.waiters) {
                                 out.push(reply(w, Reply::Acked));
                             }
-                            out.push(Effect::SetTimer { at: now.plus(self.config.retention_ms), timer: Timer::Forget(txn) });
+                            let at = forget_at(now, b.deadline, self.config.retention_ms);
+                            out.push(Effect::SetTimer { at, timer: Timer::Forget(txn) });
                         }
                         // Unacknowledged: the coordinator asks again.
                         Err(e) => {
@@ -592,19 +593,26 @@ impl Core {
                 }
             }
             Input::FenceDurable { epoch } => {
-                if self.fence == Some(epoch) {
-                    self.fence_durable = true;
-                }
+                self.durable_fence = self.durable_fence.max(Some(epoch));
                 for f in self.fences.iter_mut().filter(|f| f.1 <= epoch) {
                     f.2 = true;
                 }
                 self.answer_fences(&mut out);
             }
             Input::FenceFailed { epoch, error } => {
-                let (failed, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.fences).into_iter().partition(|f| f.1 == epoch);
-                self.fences = kept;
-                for (req, ..) in failed {
-                    out.push(reply(req, Reply::Error(CoreError::Unavailable(error.clone()))));
+                // Only the newest fence's failure matters: a newer one in
+                // flight covers every earlier caller. The fence falls back
+                // to the newest durable one, so that a retried Recover
+                // writes it again; every caller not yet covered hears the
+                // error and may retry. (The in-memory epoch stays raised:
+                // refusing more is safe.)
+                if self.fence == Some(epoch) {
+                    self.fence = self.durable_fence;
+                    let (failed, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.fences).into_iter().partition(|f| !f.2);
+                    self.fences = kept;
+                    for (req, ..) in failed {
+                        out.push(reply(req, Reply::Error(CoreError::Unavailable(error.clone()))));
+                    }
                 }
             }
             Input::ResourceVoted { txn, vote } => self.resource_voted(&mut out, now, txn, vote),
@@ -962,7 +970,7 @@ impl Core {
     fn recover_request(&mut self, out: &mut Vec<Effect>, now: UnixMillis, req: ReqId, epoch: u64) {
         self.max_epoch = self.max_epoch.max(epoch);
         match self.fence {
-            Some(f) if f >= epoch && self.fence_durable => self.fences.push((req, epoch, true)),
+            _ if self.durable_fence.is_some_and(|f| f >= epoch) => self.fences.push((req, epoch, true)),
             Some(f) if f >= epoch => self.fences.push((req, epoch, false)),
             replaces => {
                 let record = BranchRecord {
@@ -974,7 +982,6 @@ impl Core {
                 };
                 out.push(Effect::PersistFence { epoch, replaces, record });
                 self.fence = Some(epoch);
-                self.fence_durable = false;
                 self.fences.push((req, epoch, false));
             }
         }
@@ -1018,7 +1025,8 @@ impl Core {
             out.push(reply(w, answer.clone()));
         }
         if !b.unreleased {
-            out.push(Effect::SetTimer { at: now.plus(self.config.retention_ms), timer: Timer::Forget(txn) });
+            let at = forget_at(now, b.deadline, self.config.retention_ms);
+            out.push(Effect::SetTimer { at, timer: Timer::Forget(txn) });
         }
         self.answer_fences(out);
     }
@@ -1100,6 +1108,14 @@ impl Core {
             }
         }
     }
+}
+
+/// When a finished branch may be forgotten: after its retention, and never
+/// before its deadline — until then a delayed or duplicated Prepare could
+/// arrive, and only the branch's memory (or, past the deadline, the
+/// deadline check) refuses it.
+fn forget_at(now: UnixMillis, deadline: UnixMillis, retention_ms: u64) -> UnixMillis {
+    now.plus(retention_ms).max(deadline)
 }
 
 /// A branch phase in words, for errors.

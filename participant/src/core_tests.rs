@@ -2006,3 +2006,27 @@ fn recover_fences_earlier_runs_and_reports_their_unreleased_commits() {
     let failed = h.step(at(71), Input::FenceFailed { epoch: EPOCH + 2, error: "disk full".into() });
     assert_eq!(failed, vec![err(newer, CoreError::Unavailable("disk full".into()))]);
 }
+
+#[test]
+fn a_failed_fence_write_answers_its_callers_and_a_retry_writes_it_again() {
+    let mut h = H::new();
+    let first = h.req();
+    assert_eq!(h.step(at(10), Input::Recover { req: first, epoch: EPOCH + 1 }), vec![Fx::Fence { epoch: EPOCH + 1, replaces: None }]);
+    let lower = h.req();
+    assert_eq!(h.step(at(11), Input::Recover { req: lower, epoch: EPOCH }), vec![]);
+    let fx = h.step(at(12), Input::FenceFailed { epoch: EPOCH + 1, error: "disk full".into() });
+    assert_eq!(fx, vec![err(first, CoreError::Unavailable("disk full".into())), err(lower, CoreError::Unavailable("disk full".into()))]);
+    let again = h.req();
+    assert_eq!(h.step(at(20), Input::Recover { req: again, epoch: EPOCH + 1 }), vec![Fx::Fence { epoch: EPOCH + 1, replaces: None }]);
+    assert_eq!(h.step(at(21), Input::FenceDurable { epoch: EPOCH + 1 }), vec![Fx::Reply(again, R::Recovered(vec![]))]);
+}
+
+#[test]
+fn a_finished_branch_is_kept_at_least_until_its_deadline() {
+    // Retention shorter than the time left to the deadline: a duplicate
+    // Prepare could still arrive, so the branch is not forgotten before it.
+    let mut h = H { core: Core::new(CoreConfig { retention_ms: 10, ..config() }), next_req: 100 };
+    let (req, _) = one_phase_prepare(&mut h, at(100), TX, payload());
+    let _ = h.voted(at(110), TX, Ok(Vote::No("no".into())));
+    assert_eq!(h.applied(at(120), TX), vec![no(req, "no"), Fx::Timer(dl(), Timer::Forget(TX))]);
+}

@@ -223,7 +223,11 @@ impl Driver {
                 input
             }
             Msg::Voted { txn, vote, batch } => {
-                self.staged.insert(txn, batch);
+                // Only a YES keeps what was staged (NO and READ_ONLY write
+                // nothing).
+                if matches!(vote, Ok(twopc_proto::Vote::Yes)) {
+                    self.staged.insert(txn, batch);
+                }
                 Input::ResourceVoted { txn, vote }
             }
             Msg::Stop(done) => return Err(done),
@@ -365,13 +369,17 @@ impl Driver {
                 });
             }
             Effect::Apply { txn, commit, record, synced } => {
-                self.staged.remove(&txn);
+                // What the resource's prepare staged is still here only for
+                // a one-phase commit (a PREPARED write took it otherwise):
+                // it is written with the commit, as the Resource contract
+                // says; an abort drops it.
+                let staged = self.staged.remove(&txn).filter(|_| commit);
                 let recorded = record.is_some();
                 self.internal(async move {
                     if recorded {
                         twopc_storage::crash_point!("participant::before_outcome_apply");
                     }
-                    let mut batch = Batch::new();
+                    let mut batch = staged.unwrap_or_default();
                     let r = if commit { parts.resource.commit(txn, &mut batch).await } else { parts.resource.abort(txn, &mut batch).await };
                     if let Err(e) = r {
                         return Input::ApplyFailed { txn, error: e.0 };
