@@ -34,7 +34,8 @@ pub struct Bank {
     pub initial: i64,
 }
 
-/// One transfer: legs at distinct participants whose deltas sum to zero.
+/// One transfer: legs at distinct participants whose deltas sum to zero
+/// (one leg of delta 0 touches an account in a one-participant transaction).
 #[derive(Debug, Clone)]
 pub struct Transfer {
     /// Unique id.
@@ -85,9 +86,14 @@ impl Bank {
             .collect()
     }
 
-    /// A random transfer between two different participants.
+    /// A random transfer between two different participants, or (one in
+    /// five) a one-participant "touch" of an account that moves no money —
+    /// a transaction with one participant, which commits in one phase.
     pub fn random_transfer(&self, id: String, rng: &mut impl Rng) -> Transfer {
         let n = self.services.len();
+        if rng.random_bool(0.2) {
+            return Transfer { id, legs: vec![(rng.random_range(0..n), rng.random_range(0..self.accounts), 0)], extra: None };
+        }
         let from_svc = rng.random_range(0..n);
         let to_svc = (from_svc + rng.random_range(1..n)) % n;
         let amount = rng.random_range(1..=self.initial / 2);

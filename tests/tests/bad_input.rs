@@ -64,6 +64,12 @@ impl Summary for tp::GetTransactionResponse {
     }
 }
 
+impl Summary for tp::RecoverResponse {
+    fn summary(&self) -> String {
+        format!("recovered {:?}", self.committed_one_phase)
+    }
+}
+
 impl Summary for tp::BeginResponse {
     fn summary(&self) -> String {
         format!("begun {}", self.txn_id)
@@ -541,6 +547,7 @@ async fn participant_refuses_bad_input_precisely() {
         fails!("commit epoch zero", InvalidArgument, TXN_ID_MALFORMED, p.commit(commit_branch_rq("tx-0-1", epoch))),
         fails!("abort missing id", InvalidArgument, TXN_ID_MALFORMED, p.abort(abort_branch_rq("", epoch))),
         fails!("abort leading zeros", InvalidArgument, TXN_ID_MALFORMED, p.abort(abort_branch_rq("tx-1-01", epoch))),
+        fails!("recover epoch zero", InvalidArgument, EPOCH_INVALID, p.recover(tp::RecoverRequest { coordinator_epoch: 0 })),
         // Out of order and duplicates
         fails!("commit of an unprepared branch", FailedPrecondition, BRANCH_NOT_PREPARED, p.commit(commit_branch_rq(&active_id, epoch))),
         fails!("abort of a committed branch", FailedPrecondition, BRANCH_COMMITTED, p.abort(abort_branch_rq(&committed, epoch))),

@@ -84,6 +84,10 @@ async fn cli_execute_status_and_errors() {
     assert!(dump.stdout.contains(&txn) && dump.stdout.contains("COMMIT") && dump.stdout.contains("participant wallet"), "{}", dump.stdout);
     let js = twopc(&url, &["--json", "log", "dump", "--data-dir", &dir.path().join("c").display().to_string()]).await;
     assert!(js.stdout.contains(&format!("\"txn_id\":\"{txn}\"")), "{}", js.stdout);
+    // The one-participant Execute above ran in one phase: its run's marker
+    // waits for the next start to collect wallet's one-phase outcomes.
+    assert!(dump.stdout.contains("one-phase marker: run") && dump.stdout.contains("with wallet"), "{}", dump.stdout);
+    assert!(js.stdout.contains("\"one_phase_markers\":[{\"epoch\":"), "{}", js.stdout);
     let missing = twopc(&url, &["log", "dump", "--data-dir", &dir.path().join("nothing").display().to_string()]).await;
     assert_eq!(missing.code, 1);
     assert!(one_line(&missing.stderr) && missing.stderr.contains("holds no store"), "{}", missing.stderr);

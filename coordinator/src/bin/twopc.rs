@@ -394,7 +394,10 @@ fn dump(dir: &std::path::Path, json: bool) -> Result<String, Failure> {
     let horizon = log.horizon().map_err(read)?;
     let registry = log.registry().map_err(read)?;
     let records = log.load().map_err(read)?;
+    let markers = log.markers().map_err(read)?;
     if json {
+        let marks: Vec<String> =
+            markers.iter().map(|(e, p)| format!("{{\"epoch\":{e},\"participant\":{}}}", json_str(p.as_str()))).collect();
         let regs: Vec<String> =
             registry.iter().map(|(n, e)| format!("{{\"name\":{},\"endpoint\":{}}}", json_str(n.as_str()), json_str(e))).collect();
         let recs: Vec<String> = records
@@ -410,9 +413,10 @@ fn dump(dir: &std::path::Path, json: bool) -> Result<String, Failure> {
             })
             .collect();
         return Ok(format!(
-            "{{\"epoch\":{epoch},\"gc_horizon\":{},\"participants\":[{}],\"decisions\":[{}]}}",
+            "{{\"epoch\":{epoch},\"gc_horizon\":{},\"participants\":[{}],\"one_phase_markers\":[{}],\"decisions\":[{}]}}",
             horizon.map(|h| format!("\"{h}\"")).unwrap_or_else(|| "null".into()),
             regs.join(","),
+            marks.join(","),
             recs.join(",")
         ));
     }
@@ -426,6 +430,9 @@ fn dump(dir: &std::path::Path, json: bool) -> Result<String, Failure> {
     );
     for (n, e) in &registry {
         out.push_str(&format!("\n  participant {n:<20} {e}"));
+    }
+    for (e, p) in &markers {
+        out.push_str(&format!("\n  one-phase marker: run {e} used one-phase commit with {p} (collected at the next start)"));
     }
     for (t, r) in &records {
         let names: Vec<&str> = r.participants.iter().map(|p| p.name.as_str()).collect();
