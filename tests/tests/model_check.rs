@@ -222,17 +222,26 @@ fn deeper_configurations_by_hand() {
         return;
     }
     let runs = [
-        ("2 participants, 1 loss, 2 crashes, 1 timer", faults(base(2, vec![(vec![0, 1], None)]), 1, 0, 2, 1)),
-        ("2 transactions over 2 participants, 1 crash", faults(base(2, vec![(vec![0, 1], None), (vec![0, 1], Some(0))]), 0, 0, 1, 0)),
-        ("3 participants, 1 crash, 1 timer", faults(base(3, vec![(vec![0, 1, 2], None)]), 0, 0, 1, 1)),
-        ("1 participant (one phase), 1 loss, 1 duplicate, 2 crashes, 1 timer", faults(base(1, vec![(vec![0], None)]), 1, 1, 2, 1)),
+        ("2 participants, 1 loss, 2 crashes, 1 timer", faults(base(2, vec![(vec![0, 1], None)]), 1, 0, 2, 1), Reachable::Both),
         (
-            "2 participants, a one-phase and a two-phase transaction (p1 votes no), 1 crash, 1 timer",
-            faults(base(2, vec![(vec![0], None), (vec![0, 1], Some(1))]), 0, 0, 1, 1),
+            "2 transactions over 2 participants, 1 crash",
+            faults(base(2, vec![(vec![0, 1], None), (vec![0, 1], Some(0))]), 0, 0, 1, 0),
+            Reachable::Both,
+        ),
+        ("3 participants, 1 crash, 1 timer", faults(base(3, vec![(vec![0, 1, 2], None)]), 0, 0, 1, 1), Reachable::Both),
+        (
+            "1 participant (one phase), 1 loss, 1 duplicate, 2 crashes, 1 timer",
+            faults(base(1, vec![(vec![0], None)]), 1, 1, 2, 1),
+            Reachable::Both,
+        ),
+        (
+            "1 participant (one phase) votes no, 1 loss, 1 duplicate, 2 crashes, 1 timer",
+            faults(base(1, vec![(vec![0], Some(0))]), 1, 1, 2, 1),
+            Reachable::Abort,
         ),
     ];
-    for (name, cfg) in runs {
-        let o = check(name, cfg, Reachable::Both, false);
+    for (name, cfg, reachable) in runs {
+        let o = check(name, cfg, reachable, false);
         assert_clean(name, &o);
     }
 }
