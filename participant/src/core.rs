@@ -776,6 +776,21 @@ impl Core {
                 // PREPARED record); refuse rather than vote YES unproven.
                 out.push(reply(req, Reply::Voted(SentVote::No("the branch has no durable prepared record".into()))))
             }
+            Phase::Joining if one_phase => {
+                // One phase: the NO is the outcome, so it must be final.
+                // Still joining, the branch could become active and commit
+                // on a repeated one-phase Prepare: abort it (refusing the
+                // business call that joins) and answer once that is durable.
+                for w in std::mem::take(&mut b.waiters) {
+                    out.push(reply(
+                        w,
+                        Reply::Error(CoreError::JoinRefused { txn, why: "the transaction is already being committed".into() }),
+                    ));
+                }
+                b.one_phase = true;
+                b.no_reason = Some("enlistment is still in progress".into());
+                self.start_abort(out, now, txn, Some(req), true);
+            }
             Phase::Aborting | Phase::Aborted => out.push(reply(req, Reply::Voted(SentVote::No("the transaction was aborted here".into())))),
             Phase::Joining | Phase::Active => out.push(reply(req, Reply::Voted(SentVote::No("enlistment is still in progress".into())))),
         }

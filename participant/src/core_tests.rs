@@ -2030,3 +2030,28 @@ fn a_finished_branch_is_kept_at_least_until_its_deadline() {
     let _ = h.voted(at(110), TX, Ok(Vote::No("no".into())));
     assert_eq!(h.applied(at(120), TX), vec![no(req, "no"), Fx::Timer(dl(), Timer::Forget(TX))]);
 }
+
+#[test]
+fn a_one_phase_prepare_while_still_joining_aborts_the_branch_before_answering_no() {
+    // Found by the simulation: the initiator commits while a business call
+    // is still joining. Answering NO and leaving the branch to become active
+    // would let a repeated one-phase Prepare commit what the coordinator
+    // already reported aborted.
+    let mut h = H::new();
+    let (join, fx) = h.join(T0, TX);
+    assert_eq!(fx, vec![Fx::Enlist(TX)]);
+    let (req, fx) = one_phase_prepare(&mut h, at(10), TX, None);
+    let aborted = rec(BranchState::Aborted, UnixMillis(0), EPOCH, at(10));
+    assert_eq!(
+        fx,
+        vec![
+            err(join, CoreError::JoinRefused { txn: TX, why: "the transaction is already being committed".into() }),
+            Fx::Apply { txn: TX, commit: false, record: Some(aborted), synced: true },
+        ]
+    );
+    assert_eq!(h.enlisted(at(11), TX, Ok(dl())), vec![], "a late enlistment changes nothing");
+    let fx = h.applied(at(12), TX);
+    assert_eq!(fx[0], no(req, "enlistment is still in progress"));
+    let (again, fx) = one_phase_prepare(&mut h, at(13), TX, None);
+    assert_eq!(fx, vec![no(again, ABORTED_HERE)]);
+}

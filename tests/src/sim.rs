@@ -7,8 +7,10 @@
 //! the network (a multiset of messages). [`World::actions`] lists what can
 //! happen next; [`World::step`] makes one of them happen:
 //!
-//! - the client starts one of its transactions (an Execute over the
-//!   configured participants);
+//! - the client starts one of its transactions: an Execute over the
+//!   configured participants, or (with [`SimConfig::enlist`]) a Begin, a
+//!   business call to each participant (which joins: Enlist with the
+//!   coordinator before it answers), and Commit once every call answered;
 //! - a message is delivered, dropped (the caller's RPC fails), or duplicated;
 //! - the oldest pending write of a process becomes durable — its own step,
 //!   separate from the request to write, so that acting on a record before
@@ -78,6 +80,9 @@ pub struct SimConfig {
     pub timers: u8,
     /// Planted bug.
     pub mutation: Mutation,
+    /// Transactions are Begin, business calls (each participant enlists)
+    /// and Commit, instead of Execute.
+    pub enlist: bool,
 }
 
 /// A message on the simulated network.
@@ -142,6 +147,45 @@ pub enum Msg {
         txn: TxnId,
         /// The answer or the failure.
         decision: Result<Decision, String>,
+    },
+    /// Client → participant: a business call under the transaction.
+    Call {
+        /// Participant index.
+        to: usize,
+        /// Configured transaction.
+        k: usize,
+        /// Transaction.
+        txn: TxnId,
+    },
+    /// Its response.
+    CallReply {
+        /// Participant index.
+        from: usize,
+        /// Configured transaction.
+        k: usize,
+        /// Answered (joined), or refused / failed.
+        ok: bool,
+    },
+    /// Participant → coordinator: Enlist.
+    Enlist {
+        /// Participant index.
+        from: usize,
+        /// Transaction.
+        txn: TxnId,
+        /// The participant process's incarnation.
+        incarnation: u64,
+    },
+    /// Its response (to the participant process that asked: one restarted
+    /// since never sees it, as a reply on a dead process's connection).
+    EnlistReply {
+        /// Participant index.
+        to: usize,
+        /// The incarnation that asked.
+        incarnation: u64,
+        /// Transaction.
+        txn: TxnId,
+        /// The deadline, or the refusal / failure.
+        result: Result<u64, String>,
     },
     /// Coordinator → participant: collect one-phase outcomes.
     Recover {
@@ -213,6 +257,8 @@ enum CServing {
     Client(usize),
     Query { from: usize, txn: TxnId },
     Status(usize),
+    Begin(usize),
+    Enlist { from: usize, txn: TxnId, incarnation: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -247,6 +293,7 @@ enum PServing {
     Prepare(TxnId),
     Decision { txn: TxnId, unknown: bool },
     Recover(u64),
+    Join(usize),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -259,6 +306,8 @@ struct Part {
     serving: BTreeMap<u64, PServing>,
     next_req: u64,
     resource: BTreeSet<(TxnId, bool)>,
+    /// Changes at every restart (Enlist carries it).
+    incarnation: u64,
 }
 
 /// Facts recorded as they happen, for the properties.
@@ -293,6 +342,9 @@ pub struct World {
     /// (learned from the first Prepare or the answer) and what the client
     /// was told.
     client: Vec<(bool, Option<TxnId>, Option<Told>)>,
+    /// Per configured transaction (enlist mode): business calls not
+    /// answered yet.
+    calls: Vec<u8>,
     budget: (u8, u8, u8, u8),
     /// Facts for the properties.
     pub obs: Observed,
@@ -362,6 +414,7 @@ impl World {
                 serving: BTreeMap::new(),
                 next_req: 1,
                 resource: BTreeSet::new(),
+                incarnation: 1,
             })
             .collect();
         World {
@@ -370,6 +423,7 @@ impl World {
             parts,
             net: Vec::new(),
             client: vec![(false, None, None); cfg.txns.len()],
+            calls: vec![0; cfg.txns.len()],
             budget: (cfg.drops, cfg.dups, cfg.crashes, cfg.timers),
             obs: Observed::default(),
         }
@@ -458,6 +512,13 @@ impl World {
                     return false;
                 }
                 self.client[*k].0 = true;
+                if cfg.enlist {
+                    let req = self.coord.next_req;
+                    self.coord.next_req += 1;
+                    self.coord.serving.insert(req, CServing::Begin(*k));
+                    self.coord_input(cfg, cc::Input::Begin { req, timeout_ms: 1_000 });
+                    return true;
+                }
                 let branches = parts
                     .iter()
                     .map(|i| cc::ExecBranch {
@@ -638,6 +699,27 @@ impl World {
                 self.parts[to].serving.insert(req, PServing::Prepare(txn));
                 self.part_input(cfg, to, pc::Input::Prepare { req, txn, epoch, payload, deadline: UnixMillis(deadline), one_phase });
             }
+            Msg::Call { to, k, txn } => {
+                let req = self.parts[to].next_req;
+                self.parts[to].next_req += 1;
+                self.parts[to].serving.insert(req, PServing::Join(k));
+                self.part_input(cfg, to, pc::Input::Join { req, txn });
+            }
+            Msg::CallReply { k, .. } => self.call_answered(cfg, k),
+            Msg::Enlist { from, txn, incarnation } => {
+                let req = self.coord.next_req;
+                self.coord.next_req += 1;
+                self.coord.serving.insert(req, CServing::Enlist { from, txn, incarnation });
+                let participant = ParticipantName::new(name(from)).expect("valid");
+                self.coord_input(cfg, cc::Input::Enlist { req, txn, participant, endpoint: endpoint(from), incarnation });
+            }
+            Msg::EnlistReply { to, incarnation, txn, result } => {
+                if incarnation != self.parts[to].incarnation {
+                    return;
+                }
+                let result = result.map(UnixMillis).map_err(twopc_participant::core::EnlistError::Refused);
+                self.part_input(cfg, to, pc::Input::Enlisted { txn, result })
+            }
             Msg::Recover { to, epoch } => {
                 let req = self.parts[to].next_req;
                 self.parts[to].next_req += 1;
@@ -688,6 +770,14 @@ impl World {
             Msg::Query { from, txn } | Msg::QueryReply { to: from, txn, .. } => {
                 self.part_input(cfg, from, pc::Input::Decided { txn, decision: Err(why.into()) })
             }
+            Msg::Call { k, .. } | Msg::CallReply { k, .. } => self.call_answered(cfg, k),
+            Msg::Enlist { from, txn, incarnation } | Msg::EnlistReply { to: from, txn, incarnation, .. } => {
+                if incarnation != self.parts[from].incarnation {
+                    return;
+                }
+                let result = Err(twopc_participant::core::EnlistError::Unreachable(why.into()));
+                self.part_input(cfg, from, pc::Input::Enlisted { txn, result })
+            }
             Msg::Recover { to: from, epoch } | Msg::Recovered { from, epoch, .. } => {
                 if epoch != self.coord.epoch {
                     return;
@@ -695,6 +785,24 @@ impl World {
                 let participant = ParticipantName::new(name(from)).expect("valid");
                 self.coord_input(cfg, cc::Input::Collected { participant, endpoint: endpoint(from), result: Err(why.into()) })
             }
+        }
+    }
+
+    /// A business call of configured transaction `k` was answered (or
+    /// failed); once all were, the client commits.
+    fn call_answered(&mut self, cfg: &SimConfig, k: usize) {
+        let Some(left) = self.calls.get_mut(k) else { return };
+        if *left == 0 {
+            return;
+        }
+        *left -= 1;
+        if *left == 0
+            && let Some(txn) = self.client[k].1
+        {
+            let req = self.coord.next_req;
+            self.coord.next_req += 1;
+            self.coord.serving.insert(req, CServing::Client(k));
+            self.coord_input(cfg, cc::Input::Commit { req, txn });
         }
     }
 
@@ -726,6 +834,24 @@ impl World {
                             other => Err(format!("{other:?}")),
                         };
                         self.send(Msg::QueryReply { to: from, txn, decision });
+                    }
+                    Some(CServing::Begin(k)) => match reply {
+                        cc::Reply::Begun { txn, .. } => {
+                            self.client[k].1 = Some(txn);
+                            let span = cfg.txns.get(k).map(|t| t.0.clone()).unwrap_or_default();
+                            self.calls[k] = u8::try_from(span.len()).unwrap_or(u8::MAX);
+                            for to in span {
+                                self.send(Msg::Call { to, k, txn });
+                            }
+                        }
+                        _ => self.client[k].2 = Some(Told::Unknown),
+                    },
+                    Some(CServing::Enlist { from, txn, incarnation }) => {
+                        let result = match reply {
+                            cc::Reply::Enlisted { deadline } => Ok(deadline.0),
+                            other => Err(format!("{other:?}")),
+                        };
+                        self.send(Msg::EnlistReply { to: from, incarnation, txn, result });
                     }
                     Some(CServing::Status(k)) => {
                         // What Status says is what the client now believes.
@@ -794,6 +920,9 @@ impl World {
                         };
                         self.send(Msg::Vote { from: i, txn, vote });
                     }
+                    Some(PServing::Join(k)) => {
+                        self.send(Msg::CallReply { from: i, k, ok: matches!(reply, pc::Reply::Joined { .. }) });
+                    }
                     Some(PServing::Recover(epoch)) => {
                         let result = match reply {
                             pc::Reply::Recovered(txns) => Ok(txns),
@@ -813,11 +942,15 @@ impl World {
                     }
                     None => {}
                 },
-                pc::Effect::Enlist { .. } => {}
+                pc::Effect::Enlist { txn } => {
+                    let incarnation = self.parts[i].incarnation;
+                    self.send(Msg::Enlist { from: i, txn, incarnation })
+                }
                 pc::Effect::ResourcePrepare { txn, payload } => {
-                    // The payload names the configured transaction, which
-                    // says whose resource refuses.
-                    let k = payload.as_deref().and_then(txn_index);
+                    // The payload (or, for enlisted work, the id) names the
+                    // configured transaction, which says whose resource
+                    // refuses.
+                    let k = payload.as_deref().and_then(txn_index).or_else(|| self.client.iter().position(|c| c.1 == Some(txn)));
                     let no = k.and_then(|k| cfg.txns.get(k)).and_then(|(_, no)| *no) == Some(i);
                     self.parts[i].resource.insert((txn, no));
                 }
@@ -852,6 +985,10 @@ impl World {
                 CServing::Client(k) => self.client[k].2 = Some(Told::Unknown),
                 CServing::Query { from, txn } => self.send(Msg::QueryReply { to: from, txn, decision: Err("coordinator crashed".into()) }),
                 CServing::Status(_) => {}
+                CServing::Begin(k) => self.client[k].2 = Some(Told::Unknown),
+                CServing::Enlist { from, txn, incarnation } => {
+                    self.send(Msg::EnlistReply { to: from, incarnation, txn, result: Err("coordinator crashed".into()) })
+                }
             }
         }
         self.coord.pending.clear();
@@ -880,6 +1017,7 @@ impl World {
                 PServing::Prepare(txn) => self.send(Msg::Vote { from: i, txn, vote: Err("participant crashed".into()) }),
                 PServing::Decision { txn, .. } => self.send(Msg::Ack { from: i, txn, ok: Err("participant crashed".into()) }),
                 PServing::Recover(epoch) => self.send(Msg::Recovered { from: i, epoch, result: Err("participant crashed".into()) }),
+                PServing::Join(k) => self.send(Msg::CallReply { from: i, k, ok: false }),
             }
         }
         let p = &mut self.parts[i];
@@ -887,6 +1025,7 @@ impl World {
         p.timers.clear();
         p.resource.clear();
         p.core = pc::Core::new(part_config());
+        p.incarnation += 1;
         let records = p.durable.iter().map(|(t, r)| (*t, to_record(*r))).collect();
         let effects = p.core.recover(UnixMillis(self.now), records);
         self.part_effects(cfg, i, effects);
@@ -912,8 +1051,11 @@ impl World {
             }
         }
         for (k, (_, txn, told)) in self.client.iter().enumerate() {
+            // (A transaction no participant joined commits with nothing to
+            // force: no Prepare, no record to wait for.)
             if let (Some(txn), Some(Told::Committed)) = (txn, told)
                 && !o.commit_durable.contains(txn)
+                && o.spans.contains_key(txn)
             {
                 v.push(format!("durability: client told txn{k} ({txn}) COMMITTED before the decision was durable"));
             }

@@ -129,7 +129,7 @@ fn assert_clean(name: &str, o: &Outcome) {
 }
 
 fn base(participants: usize, txns: Vec<(Vec<usize>, Option<usize>)>) -> SimConfig {
-    SimConfig { participants, txns, drops: 0, dups: 0, crashes: 0, timers: 0, mutation: Mutation::None }
+    SimConfig { participants, txns, drops: 0, dups: 0, crashes: 0, timers: 0, mutation: Mutation::None, enlist: false }
 }
 
 fn faults(cfg: SimConfig, drops: u8, dups: u8, crashes: u8, timers: u8) -> SimConfig {
@@ -190,6 +190,21 @@ fn one_participant_commits_in_one_phase_through_crashes_and_losses() {
     assert_clean(name, &o);
     let name = "1 participant (one phase) votes no, 1 loss, 1 duplicate, 1 crash, 1 timer";
     let o = check(name, faults(base(1, vec![(vec![0], Some(0))]), 1, 1, 1, 1), Reachable::Abort, false);
+    assert_clean(name, &o);
+}
+
+#[test]
+fn one_phase_through_begin_enlist_and_commit() {
+    // The initiator's path: Begin, a business call (the participant enlists
+    // before it answers), Commit; a call may fail or still be joining when
+    // Commit's one-phase Prepare arrives.
+    let name = "1 participant enlisted by a business call (one phase), 1 duplicate, 1 crash, 1 timer";
+    let cfg = SimConfig { enlist: true, ..faults(base(1, vec![(vec![0], None)]), 0, 1, 1, 1) };
+    let o = check(name, cfg, Reachable::Commit, false);
+    assert_clean(name, &o);
+    let name = "2 participants enlisted by business calls (two phases), 1 loss, 1 crash, 1 timer";
+    let cfg = SimConfig { enlist: true, ..faults(base(2, vec![(vec![0, 1], None)]), 1, 0, 1, 1) };
+    let o = check(name, cfg, Reachable::Commit, false);
     assert_clean(name, &o);
 }
 

@@ -31,22 +31,23 @@ fn config(rng: &mut StdRng, mutation: Mutation) -> SimConfig {
             (span, no)
         })
         .collect();
-    SimConfig { participants, txns, drops: 6, dups: 4, crashes: 3, timers: 60, mutation }
+    SimConfig { participants, txns, drops: 6, dups: 4, crashes: 3, timers: 60, mutation, enlist: rng.random_bool(0.5) }
 }
 
 fn involves(m: &Msg, node: Option<usize>) -> bool {
     let p = match m {
         Msg::Prepare { to, .. } | Msg::Decision { to, .. } | Msg::QueryReply { to, .. } => *to,
         Msg::Vote { from, .. } | Msg::Ack { from, .. } | Msg::Query { from, .. } => *from,
-        Msg::Recover { to, .. } => *to,
-        Msg::Recovered { from, .. } => *from,
+        Msg::Recover { to, .. } | Msg::Call { to, .. } | Msg::EnlistReply { to, .. } => *to,
+        Msg::Recovered { from, .. } | Msg::CallReply { from, .. } | Msg::Enlist { from, .. } => *from,
     };
-    // Every message has the coordinator at one end.
+    // Every message has the coordinator (or, for business calls, the
+    // client) at one end.
     node.is_none_or(|n| n == p)
 }
 
 /// One run; `Err` carries the schedule and what broke.
-fn run(seed: u64, mutation: Mutation) -> Result<(usize, bool, usize), String> {
+fn run(seed: u64, mutation: Mutation) -> Result<(usize, bool, usize, bool), String> {
     let mut rng = StdRng::seed_from_u64(seed);
     let cfg = config(&mut rng, mutation);
     let mut w = World::new(&cfg);
@@ -102,7 +103,7 @@ fn run(seed: u64, mutation: Mutation) -> Result<(usize, bool, usize), String> {
     if !broken.is_empty() {
         return Err(format!("after the fair continuation: {broken:?}\nconfig {cfg:?}\nschedule {schedule:#?}"));
     }
-    Ok((schedule.len(), drained.some_committed(), drained.obs.one_phase.len()))
+    Ok((schedule.len(), drained.some_committed(), drained.obs.one_phase.len(), cfg.enlist))
 }
 
 #[test]
@@ -118,24 +119,26 @@ fn random_schedules_keep_every_rule() {
     let base: u64 = rand::rng().random();
     println!("simulation: {runs} runs from seed {base} (replay one with TWOPC_SIM_SEED=<seed>)");
     let started = Instant::now();
-    let (mut steps, mut committed, mut one_phase) = (0usize, 0usize, 0usize);
+    let (mut steps, mut committed, mut one_phase, mut enlisted) = (0usize, 0usize, 0usize, 0usize);
     for i in 0..runs {
         let seed = base.wrapping_add(i);
         match run(seed, Mutation::None) {
-            Ok((n, c, o)) => {
+            Ok((n, c, o, e)) => {
                 steps += n;
                 committed += usize::from(c);
                 one_phase += o;
+                enlisted += usize::from(c && e);
             }
             Err(e) => panic!("seed {seed} failed (replay with TWOPC_SIM_SEED={seed}): {e}"),
         }
     }
     println!(
-        "simulation: {runs} runs, {steps} steps, {committed} runs with a commit, {one_phase} one-phase commits, 0 violations, {:.1} s",
+        "simulation: {runs} runs, {steps} steps, {committed} runs with a commit ({enlisted} of them Begin/Enlist/Commit), {one_phase} one-phase commits, 0 violations, {:.1} s",
         started.elapsed().as_secs_f64()
     );
     assert!(committed > 0, "no run committed anything: the simulation is vacuous");
     assert!(one_phase > 0 || runs < 100, "no one-phase commit in {runs} runs: one phase went unchecked");
+    assert!(enlisted > 0 || runs < 100, "no enlisted transaction committed in {runs} runs: that path went unchecked");
 }
 
 /// The simulation has teeth: with a planted bug (a participant votes YES
