@@ -38,6 +38,13 @@ async fn cli_execute_status_and_errors() {
     let js = twopc(&url, &["--json", "status", &txn]).await;
     assert!(js.stdout.contains("\"state\":\"committed\""), "{}", js.stdout);
 
+    // One participant: committed in one phase, its vote says so.
+    let one = twopc(&url, &["execute", "--branch", "wallet=put balance/z 1"]).await;
+    assert_eq!(one.code, 0, "{}", one.stderr);
+    let single = one.stdout.trim().strip_prefix("committed ").expect("prints committed TXN").to_owned();
+    let st = twopc(&url, &["status", &single]).await;
+    assert!(st.stdout.contains("vote=committed"), "{}", st.stdout);
+
     let list = twopc(&url, &["list"]).await;
     assert_eq!(list.code, 0, "{}", list.stderr);
     // (Phase two may still be finishing: the in-doubt count is 0 or 1.)

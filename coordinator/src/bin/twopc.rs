@@ -463,6 +463,7 @@ fn vote_name(vote: i32) -> &'static str {
         Ok(pb::Vote::Yes) => "yes",
         Ok(pb::Vote::No) => "no",
         Ok(pb::Vote::ReadOnly) => "read-only",
+        Ok(pb::Vote::Committed) => "committed",
         _ => "-",
     }
 }
